@@ -1,0 +1,34 @@
+# Every target builds its own virtual environment first; nothing is installed outside .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv lint types unit test test-storage demo bench chaos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+## make test: lint, strict types and the whole test suite (a real PostgreSQL; embedded when none is given)
+test: lint types
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make test-storage: the storage tests again, against MHC_TEST_DATABASE_URL
+test-storage: $(STAMP)
+	$(BIN)/pytest -m storage $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from daemon import cli
+
+raise SystemExit(cli.main())

