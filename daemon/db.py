@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from daemon import errors, sql_files
+from daemon import errors, logs, sql_files
 
 PLATFORM = "chaturbate"
 # The seed's exclusion rule: these people are excluded from every aggregate from the moment they are created.
@@ -177,3 +177,55 @@ async def _find_or_create(
     if row is not None and row["inserted"] and person.is_excluded:
         await connection.execute(sql_files.query("add_to_watchlist"), EXCLUDED_WATCHLIST, person.id)
     return person
+
+
+@dataclass(frozen=True)
+class ApiFailure:
+    """One failed call of an external API. `url` and `body_excerpt` must already be masked."""
+
+    api: str  # cb_events | cb_stats | statbate
+    operation: str  # e.g. poll, member_info, member_info_batch, model_info, stats
+    url: str
+    error_kind: str  # e.g. http_5xx, rate_limited, timeout, connection, bad_body, auth_rejected, not_found
+    http_status: int | None = None
+    body_excerpt: str | None = None
+    attempt: int = 1
+    occurred_at: dt.datetime | None = None
+
+
+BODY_EXCERPT_CHARS = 200
+
+
+async def record_api_failure(pool: asyncpg.Pool, failure: ApiFailure) -> None:
+    """Append one failure row; the URL and excerpt are masked once more here, as a last line of defence."""
+    excerpt = failure.body_excerpt[:BODY_EXCERPT_CHARS] if failure.body_excerpt else None
+    with translate_errors():
+        await pool.execute(
+            sql_files.query("record_api_failure"),
+            failure.api,
+            failure.operation,
+            logs.mask(failure.url),
+            failure.http_status,
+            failure.error_kind,
+            logs.mask(excerpt.replace("\x00", "")) if excerpt else None,
+            failure.attempt,
+            utc_naive(failure.occurred_at) if failure.occurred_at else utc_now(),
+        )
+
+
+async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[ApiFailure]:
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("recent_api_failures"), limit)
+    return [
+        ApiFailure(
+            api=row["api"],
+            operation=row["operation"],
+            url=row["url"],
+            error_kind=row["error_kind"],
+            http_status=row["http_status"],
+            body_excerpt=row["body_excerpt"],
+            attempt=row["attempt"],
+            occurred_at=row["occurred_at"],
+        )
+        for row in rows
+    ]

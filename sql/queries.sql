@@ -48,3 +48,11 @@ ON CONFLICT (watchlist_id, person_id) DO NOTHING;
 
 -- name: ping
 SELECT 1;
+
+-- name: record_api_failure
+INSERT INTO api_failures (api, operation, url, http_status, error_kind, body_excerpt, attempt, occurred_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- name: recent_api_failures
+SELECT api, operation, url, http_status, error_kind, body_excerpt, attempt, occurred_at
+FROM api_failures ORDER BY occurred_at DESC LIMIT $1;

@@ -1,0 +1,50 @@
+"""Prometheus metrics, one registry for the process. Labels never carry a token or a URL."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS = Counter(
+    "mhc_events_total", "Events stored for the first time, by method.", ["method"], registry=REGISTRY
+)
+DUPLICATES = Counter("mhc_events_duplicate_total", "Re-delivered events skipped.", registry=REGISTRY)
+QUARANTINED = Counter("mhc_events_quarantined_total", "Events kept in quarantine.", registry=REGISTRY)
+UNKNOWN_METHODS = Counter(
+    "mhc_events_unknown_method_total", "Events of a method this version does not know.", registry=REGISTRY
+)
+ROWS = Counter("mhc_rows_written_total", "Rows written, by table.", ["table"], registry=REGISTRY)
+API_REQUESTS = Counter(
+    "mhc_api_requests_total",
+    "External API requests, by API and HTTP status.",
+    ["api", "status"],
+    registry=REGISTRY,
+)
+API_FAILURES = Counter(
+    "mhc_api_failures_total",
+    "Failed external API calls, by API and kind.",
+    ["api", "kind"],
+    registry=REGISTRY,
+)
+SNAPSHOTS = Counter("mhc_snapshots_total", "Snapshots taken, by source.", ["source"], registry=REGISTRY)
+POLL_SECONDS = Histogram(
+    "mhc_poll_seconds",
+    "Events API request latency (long-polls included).",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    registry=REGISTRY,
+)
+WRITE_SECONDS = Histogram(
+    "mhc_write_seconds",
+    "Time to commit one API response.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+INGEST_LAG = Gauge(
+    "mhc_ingest_lag_seconds", "Commit time minus the newest committed event's server time.", registry=REGISTRY
+)
+DATABASE_UP = Gauge("mhc_database_up", "1 when the database answered the last check.", registry=REGISTRY)
+LAST_POLL = Gauge(
+    "mhc_last_successful_poll_timestamp_seconds", "Unix time of the last successful poll.", registry=REGISTRY
+)
+SPOOL_BYTES = Gauge("mhc_spool_bytes", "Bytes waiting in the disk spool.", registry=REGISTRY)
