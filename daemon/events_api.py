@@ -1,9 +1,9 @@
-"""The Chaturbate Events API client: long-poll `{base}/events/{username}/{token}/?i=..&timeout=T`, follow `nextUrl`.
+"""The Chaturbate Events API client: long-poll `{base}/events/{username}/{token}/?i=..&timeout=T`.
 
-`fetch()` returns the next successful response and never gives up: every failed attempt is recorded (a row via
-`on_failure`, a log line, a metric) and retried with capped, jittered exponential backoff. The token lives only in
-the URL path, so every URL leaving this module for a log, a row or an exception is masked, `EventsUrl` hides it in
-its repr, and a `nextUrl` pointing anywhere but the configured origin is refused without being requested.
+`fetch()` returns the next successful response and never gives up: every failed attempt is recorded (a row
+via `on_failure`, a log line, a metric) and retried with capped, jittered exponential backoff. The token lives
+only in the URL path, so every URL leaving this module for a log, a row or an exception is masked, `EventsUrl`
+hides it in its repr, and a `nextUrl` pointing anywhere but the configured origin is refused, never requested.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import collections
 import datetime as dt
 import email.utils
 import json
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ log = logs.get_logger(__name__)
 
 API = "cb_events"
 OPERATION = "poll"
-TOKEN_PAGE = "https://chaturbate.com/statsapi/authtoken/"
+AUTH_PAGE = "https://chaturbate.com/statsapi/authtoken/"
 CONNECT_TIMEOUT = 10.0
 READ_MARGIN = 15.0  # the server may answer a little after `timeout`; never cut a healthy long-poll short
 DEFAULT_SERVER_TIMEOUT = 10  # what the API assumes when a URL names no timeout
@@ -110,7 +111,7 @@ FOREIGN_NEXT_URL = "foreign_next_url"
 
 @dataclass(frozen=True, repr=False)
 class EventsUrl:
-    """An Events API URL. It holds the token, so `str()` and `repr()` are masked; `reveal()` gives the real one."""
+    """An Events API URL. It holds the token: `str()` and `repr()` are masked; `reveal()` is the real URL."""
 
     url: yarl.URL = field(compare=True)
 
@@ -145,8 +146,8 @@ class EventsUrl:
 class Page:
     """One successful response. `events` is the decoded array exactly as delivered, not validated.
 
-    `next_url` is the accepted `nextUrl` (None when it was null, missing or refused); `next_event_id` is where to
-    resume: the accepted `nextUrl`'s `i`, else the last event id of this page, else the request's own `i`.
+    `next_url` is the accepted `nextUrl` (None when it was null, missing or refused); `next_event_id` is where
+    to resume: the accepted `nextUrl`'s `i`, else the last event id of this page, else the request's own `i`.
     """
 
     events: list[Any]
@@ -160,13 +161,15 @@ class Page:
 def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
     """`raw` as an absolute URL when it has the same scheme, host and port as `base`, else None.
 
-    Relative URLs are resolved against `base`. The URL returned is the very object that will be requested, so the
-    check and the request cannot disagree about where it goes.
+    Relative URLs are resolved against `base`. The URL returned is the very object that will be requested, so
+    the check and the request cannot disagree about where it goes.
     """
     if not isinstance(raw, str) or not raw or "\\" in raw or any(ch <= " " or ch == "\x7f" for ch in raw):
         return None
     try:
         url = yarl.URL(raw)
+        if url.scheme and not url.absolute:
+            return None  # "http:///x" and the like: malformed, whatever a join would make of it
         if not url.absolute:
             url = base.join(url)
         same_origin = (
@@ -184,7 +187,7 @@ def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
 
 
 class _RequestLimiter:
-    """At most `limit` requests in any `period` seconds. Times are logical: a wait counts as having happened."""
+    """At most `limit` requests in any `period` seconds. Times are logical: a wait counts as done."""
 
     def __init__(self, limit: int, period: float, sleep: Sleep) -> None:
         self._limit = max(1, limit)
@@ -213,7 +216,7 @@ class _Response:
 
 
 class EventsClient:
-    """Polls one broadcaster's Events API feed. One caller at a time: `fetch` calls are not meant to overlap."""
+    """Polls one broadcaster's Events API feed. One caller at a time: `fetch` calls must not overlap."""
 
     def __init__(
         self,
@@ -251,9 +254,7 @@ class EventsClient:
         self._read_margin = read_margin
         self._sleep = sleep
         self._limiter = _RequestLimiter(max_requests_per_minute, 60.0, sleep)
-        self._backoff = tenacity.wait_exponential_jitter(
-            initial=backoff_initial, max=backoff_max, jitter=backoff_initial
-        )
+        self._backoff_initial = backoff_initial
 
     def __repr__(self) -> str:
         return (
@@ -301,7 +302,9 @@ class EventsClient:
 
     async def _get(self, url: EventsUrl) -> _Response:
         read = max(url.server_timeout, self._timeout) + self._read_margin
-        timeout = aiohttp.ClientTimeout(total=read + CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=read)
+        timeout = aiohttp.ClientTimeout(
+            total=read + CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=read
+        )
         started = time.monotonic()
         status = "error"
         try:
@@ -328,10 +331,10 @@ class EventsClient:
                 raise BadBody("the body has no events array", status=status, excerpt=excerpt)
         elif status == 400:
             # The undocumented "waited too long for events" form: a continuation when it names a nextUrl.
-            payload = _decode_or_none(response.body)
-            if payload is None or not isinstance(payload.get("nextUrl"), str):
+            continuation = _decode_or_none(response.body)
+            if continuation is None or not isinstance(continuation.get("nextUrl"), str):
                 raise ClientRequestError("HTTP 400", status=status, excerpt=excerpt)
-            events = []
+            payload, events = continuation, []
         else:
             raise _status_error(response, excerpt)
         next_url = await self._accept_next_url(payload, status, attempt)
@@ -378,8 +381,8 @@ class EventsClient:
             log.error(
                 "events_token_rejected",
                 message=(
-                    f"The Events API rejected the token for {self._username!r}. Make a token at {TOKEN_PAGE} with "
-                    f'the "Events API" scope and set MHC_CB_EVENTS_TOKEN.'
+                    f"The Events API rejected the token for {self._username!r}. Make a token at {AUTH_PAGE} "
+                    f'with the "Events API" scope and set MHC_CB_EVENTS_TOKEN.'
                 ),
                 status=error.status,
                 retry_in_s=self._auth_retry_seconds,
@@ -423,7 +426,10 @@ class EventsClient:
             return error.retry_after
         if isinstance(error, ClientRequestError):
             return self._backoff_max  # a 4xx will not heal quickly: retry slowly
-        return float(self._backoff(retry_state))
+        # Exponential with jitter, capped: clients that failed together do not retry in lockstep.
+        exponent = min(retry_state.attempt_number - 1, 60)
+        jitter = random.uniform(0, self._backoff_initial)  # noqa: S311  # timing jitter, not a secret
+        return min(self._backoff_max, self._backoff_initial * float(2**exponent) + jitter)
 
 
 def _status_error(response: _Response, excerpt: str | None) -> EventsApiError:
@@ -441,7 +447,7 @@ def _status_error(response: _Response, excerpt: str | None) -> EventsApiError:
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date), capped; None when absent/bad."""
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), capped; None if unusable."""
     if value is None:
         return None
     value = value.strip()

@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> None:
     stream = traffic.build(args.backlog, seed=args.seed, shows=args.shows, malformed_rate=args.malformed_rate)
-    rates = events.FaultRates(**{name: getattr(args, f"p_{name}") for name in events.FaultRates.__dataclass_fields__})
+    rates = events.FaultRates(
+        **{name: getattr(args, f"p_{name}") for name in events.FaultRates.__dataclass_fields__}
+    )
     simulator = events.EventsSimulator(
         username=args.username,
         token=args.token,

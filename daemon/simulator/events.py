@@ -1,9 +1,10 @@
 """A local Events API: `GET /events/{username}/{token}/?i=<id>&timeout=<s>`, served like the real one.
 
-It serves a list of envelopes either all at once (a backlog) or paced at R events per second, waits up to `timeout`
-seconds when nothing is new, answers with `nextUrl` pointing after the last event returned, and injects faults on
-request, deterministically: an explicit schedule for the next requests, or seeded probabilities. Every request is
-recorded (path and query, status, fault) so tests can prove what was, and was not, asked for.
+It serves a list of envelopes either all at once (a backlog) or paced at R events per second, waits up to
+`timeout` seconds when nothing is new, answers with `nextUrl` pointing after the last event returned, and
+injects faults on request, deterministically: an explicit schedule for the next requests, or seeded
+probabilities. Every request is recorded (path and query, status, fault) so tests can prove what was, and was
+not, asked for.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Fault:
         return cls("cloudflare", status=status)
 
     @classmethod
-    def status(cls, status: int) -> Fault:
+    def http_status(cls, status: int) -> Fault:
         """Any other status with a small JSON error body (e.g. 404)."""
         return cls("status", status=status)
 
@@ -86,7 +87,11 @@ class Fault:
 
     @classmethod
     def drop(cls) -> Fault:
-        """Close the connection without any response."""
+        """Close the connection without any response.
+
+        aiohttp retries an idempotent request once, transparently, when its connection drops: schedule two
+        drops in a row for an aiohttp client to see one failure.
+        """
         return cls("drop")
 
     @classmethod
@@ -96,7 +101,7 @@ class Fault:
 
     @classmethod
     def malformed(cls, *kinds: str) -> Fault:
-        """Malformed envelopes mixed into the page, one per kind (not last, so the page's cursor stays valid)."""
+        """Malformed envelopes mixed into the page, one per kind (never last: the cursor stays valid)."""
         return cls("malformed", malformed_kinds=kinds or traffic.MALFORMED_KINDS)
 
     @classmethod
@@ -122,7 +127,7 @@ class Fault:
         return cls("redeliver", back=back)
 
     @classmethod
-    def next_url(cls, value: Any) -> Fault:
+    def custom_next_url(cls, value: Any) -> Fault:
         """A page whose `nextUrl` is exactly `value` (any JSON value)."""
         return cls("next_url", next_url=value)
 
@@ -180,7 +185,7 @@ class EventsSimulator:
     """
 
     username: str = traffic.DEFAULT_BROADCASTER
-    token: str = "simulatortoken0123456789"
+    token: str = "simulatortoken0123456789"  # noqa: S105  # a made-up token for a local fake
     events: Iterable[dict[str, Any]] = ()
     rate: float | None = None
     page_size: int = 100
@@ -195,6 +200,7 @@ class EventsSimulator:
 
     def __post_init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        self.waiting = 0  # requests parked in a long-poll wait right now
         self.injected: list[dict[str, Any]] = []  # malformed envelopes added by the `malformed` fault
         self._entries: list[_Entry] = []
         self._keys: list[tuple[int, int, int]] = []
@@ -427,7 +433,10 @@ class EventsSimulator:
         if fault.kind == "empty_400":
             self._record(request, 400, fault)
             cursor = request.query.get("i")
-            body = {"status": "waited too long for events", "nextUrl": self._next_url(cursor, _timeout_of(request))}
+            body = {
+                "status": "waited too long for events",
+                "nextUrl": self._next_url(cursor, _timeout_of(request)),
+            }
             return _json({**body, "events": []}, 400)
         if fault.kind == "raw":
             self._record(request, fault.status, fault)
@@ -442,8 +451,8 @@ class EventsSimulator:
             return _json({"status": f"simulated {status}"}, status, headers)
         return None
 
-    async def _wait_for_page(self, start: int, timeout: int) -> list[_Entry]:
-        deadline = time.monotonic() + timeout
+    async def _wait_for_page(self, start: int, wait_seconds: int) -> list[_Entry]:
+        deadline = time.monotonic() + wait_seconds
         while True:
             now = time.monotonic()
             available = self._available_count(now)
@@ -453,8 +462,12 @@ class EventsSimulator:
             if available < len(self._entries):
                 wake = min(wake, self._entries[available].available_at)
             async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
+                self.waiting += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), max(0.0, wake - now))
+                finally:
+                    self.waiting -= 1
             if self._closing.is_set():
                 return self._page(start, self._available_count(time.monotonic()))
 

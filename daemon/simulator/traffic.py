@@ -1,9 +1,9 @@
 """Seeded, realistic Events API traffic: envelopes shaped like the real testbed payloads.
 
-Every envelope is `{"method": ..., "id": "<13-digit ms>-<seq>", "object": {...}}`, ids strictly increasing. User
-objects carry the 17 fields the testbed sends; tip notes carry the API's `"| "` prefix; anonymous tips still name the
-tipper; roomSubjectChange has no user. Malformed envelopes (the kinds the ingest side must quarantine) are made only
-on request, and `Traffic.malformed` says which positions hold them.
+Every envelope is `{"method": ..., "id": "<13-digit ms>-<seq>", "object": {...}}`, ids strictly increasing.
+User objects carry the 17 fields the testbed sends; tip notes carry the API's `"| "` prefix; anonymous tips
+still name the tipper; roomSubjectChange has no user. Malformed envelopes (the kinds the ingest side must
+quarantine) are made only on request, and `Traffic.malformed` says which positions hold them.
 """
 
 from __future__ import annotations
@@ -239,7 +239,9 @@ class _Room:
     last_key: tuple[int, int] | None = None
 
     def next_id(self, gap_ms: int | None = None) -> str:
-        if gap_ms is None:
+        if self.last_key is None:
+            gap_ms = 0  # the first event happens at start_ms exactly
+        elif gap_ms is None:
             # Bursts share a millisecond now and then, which exercises the sequence part of the id.
             gap_ms = 0 if self.rng.random() < 0.05 else max(1, int(self.rng.expovariate(1 / 700)))
         self.now_ms += gap_ms
@@ -251,7 +253,11 @@ class _Room:
         return f"{key[0]}-{key[1]}"
 
     def envelope(self, method: str, obj: dict[str, Any], gap_ms: int | None = None) -> dict[str, Any]:
-        return {"method": method, "object": {"broadcaster": self.broadcaster, **obj}, "id": self.next_id(gap_ms)}
+        return {
+            "method": method,
+            "object": {"broadcaster": self.broadcaster, **obj},
+            "id": self.next_id(gap_ms),
+        }
 
     def someone_present(self) -> _Viewer:
         if not self.present:
@@ -339,9 +345,9 @@ def build(
 ) -> Traffic:
     """`count` envelopes in `shows` shows, each opened by broadcastStart and closed by broadcastStop.
 
-    `end_live` leaves the last show open (no stop), as when a daemon starts mid-show. `every_method` puts one of each
-    method right after the first start so even short runs cover all 12. With `malformed_rate`, that share of the
-    non-session events is replaced by malformed ones (never the first event, so a cursor always exists).
+    `end_live` leaves the last show open (no stop), as when a daemon starts mid-show. `every_method` puts one
+    of each method right after the first start so even short runs cover all 12. With `malformed_rate`, that
+    share of the non-session events is replaced by malformed ones (never the first event: a cursor exists).
     """
     rng = random.Random(seed)
     room = _Room(rng, broadcaster, start_ms, [_make_viewer(rng, name) for name in VIEWER_NAMES])
