@@ -109,31 +109,51 @@ class ClientRequestError(EventsApiError):
 FOREIGN_NEXT_URL = "foreign_next_url"
 
 
-@dataclass(frozen=True, repr=False)
 class EventsUrl:
-    """An Events API URL. It holds the token: `str()` and `repr()` are masked; `reveal()` is the real URL."""
+    """An Events API URL. It holds the token: `str()` and `repr()` are masked; `reveal()` is the real URL.
 
-    url: yarl.URL = field(compare=True)
+    Immutable, compared and hashed by the URL it holds.
+    """
+
+    __slots__ = ("_url",)
+    _url: yarl.URL
+
+    def __init__(self, url: yarl.URL) -> None:
+        object.__setattr__(self, "_url", url)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("EventsUrl is immutable")
 
     def reveal(self) -> str:
-        return str(self.url)
+        """The real URL, token included: only for the request itself."""
+        return str(self._url)
+
+    def as_yarl(self) -> yarl.URL:
+        """The URL object to request (holds the token)."""
+        return self._url
 
     def masked(self) -> str:
-        return logs.mask(str(self.url))
+        return logs.mask(str(self._url))
 
     @property
     def event_id(self) -> str | None:
         """The `i` cursor this URL reads after (None: "all latest events")."""
-        return self.url.query.get("i")
+        return self._url.query.get("i")
 
     @property
     def server_timeout(self) -> int:
         """The long-poll wait this URL asks the server for, clamped to what the API allows."""
         try:
-            value = int(self.url.query.get("timeout", DEFAULT_SERVER_TIMEOUT))
+            value = int(self._url.query.get("timeout", DEFAULT_SERVER_TIMEOUT))
         except ValueError:
             value = DEFAULT_SERVER_TIMEOUT
         return max(0, min(MAX_SERVER_TIMEOUT, value))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EventsUrl) and other._url == self._url
+
+    def __hash__(self) -> int:
+        return hash(self._url)
 
     def __str__(self) -> str:
         return self.masked()
@@ -308,7 +328,7 @@ class EventsClient:
         started = time.monotonic()
         status = "error"
         try:
-            async with self._session.get(url.url, allow_redirects=False, timeout=timeout) as response:
+            async with self._session.get(url.as_yarl(), allow_redirects=False, timeout=timeout) as response:
                 status = str(response.status)
                 body = await response.read()
                 return _Response(response.status, response.headers.get("Retry-After"), body)

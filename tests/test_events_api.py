@@ -133,6 +133,10 @@ async def test_start_url_is_built_and_masked() -> None:
     for text in (str(later), repr(later), repr(client), later.masked()):
         assert "zq" not in text and "odd" not in text, text
     assert "***" in str(later)
+    assert later == client.start_url("1755376800000-3") and later != first
+    assert len({later, client.start_url("1755376800000-3")}) == 1
+    with pytest.raises(AttributeError):
+        later._url = yarl.URL("https://evil.invalid/")
 
 
 @pytest.mark.parametrize(("username", "token"), [("", TOKEN), ("alice", ""), ("   ", TOKEN), ("alice", "  ")])
@@ -477,7 +481,7 @@ async def test_any_next_url_from_the_server_is_survived(raw: object) -> None:
             assert page.next_event_id == stream[-1]["id"]
             assert [f.error_kind for f in failures] == ([] if raw is None else ["foreign_next_url"])
         else:
-            assert _origin(page.next_url.url) == _origin(yarl.URL(sim.base_url))
+            assert _origin(page.next_url.as_yarl()) == _origin(yarl.URL(sim.base_url))
             assert failures == []
         assert {request.host for request in sim.requests} == {f"127.0.0.1:{sim.port}"}
 
