@@ -1,0 +1,514 @@
+"""The Chaturbate Events API client: long-poll `{base}/events/{username}/{token}/?i=..&timeout=T`.
+
+`fetch()` returns the next successful response and never gives up: every failed attempt is recorded (a row
+via `on_failure`, a log line, a metric) and retried with capped, jittered exponential backoff. The token lives
+only in the URL path, so every URL leaving this module for a log, a row or an exception is masked, `EventsUrl`
+hides it in its repr, and a `nextUrl` pointing anywhere but the configured origin is refused, never requested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import email.utils
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import tenacity
+import yarl
+
+from daemon import db, errors, logs, metrics, runtime_state
+
+log = logs.get_logger(__name__)
+
+API = "cb_events"
+OPERATION = "poll"
+AUTH_PAGE = "https://chaturbate.com/statsapi/authtoken/"
+CONNECT_TIMEOUT = 10.0
+READ_MARGIN = 15.0  # the server may answer a little after `timeout`; never cut a healthy long-poll short
+DEFAULT_SERVER_TIMEOUT = 10  # what the API assumes when a URL names no timeout
+MAX_SERVER_TIMEOUT = 90
+MAX_RETRY_AFTER = 3600.0
+EXCERPT_CHARS = 200
+
+Recorder = Callable[[db.ApiFailure], Awaitable[None]]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class EventsApiError(errors.ApiError):
+    """The Events API call failed."""
+
+    kind = "connection"
+
+    def __init__(self, message: str | None = None, *, status: int | None = None, excerpt: str | None = None):
+        super().__init__(logs.mask(message) if message else None)
+        self.status = status
+        self.excerpt = excerpt
+
+
+class ServerError(EventsApiError):
+    """The Events API answered with a server error."""
+
+    kind = "http_5xx"
+
+
+class RateLimited(EventsApiError):
+    """The Events API asked us to slow down (HTTP 429)."""
+
+    kind = "rate_limited"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        excerpt: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status=status, excerpt=excerpt)
+        self.retry_after = retry_after
+
+
+class RequestTimedOut(EventsApiError):
+    """The Events API did not answer in time."""
+
+    kind = "timeout"
+
+
+class ConnectionFailed(EventsApiError):
+    """The connection to the Events API failed or was dropped."""
+
+    kind = "connection"
+
+
+class BadBody(EventsApiError):
+    """The Events API answered with a body that is not the expected JSON."""
+
+    kind = "bad_body"
+
+
+class TokenRejected(EventsApiError):
+    """The Events API rejected the token."""
+
+    kind = "auth_rejected"
+
+
+class ClientRequestError(EventsApiError):
+    """The Events API refused the request."""
+
+    kind = "http_4xx"
+
+
+FOREIGN_NEXT_URL = "foreign_next_url"
+
+
+class EventsUrl:
+    """An Events API URL. It holds the token: `str()` and `repr()` are masked; `reveal()` is the real URL.
+
+    Immutable, compared and hashed by the URL it holds.
+    """
+
+    __slots__ = ("_url",)
+    _url: yarl.URL
+
+    def __init__(self, url: yarl.URL) -> None:
+        object.__setattr__(self, "_url", url)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("EventsUrl is immutable")
+
+    def reveal(self) -> str:
+        """The real URL, token included: only for the request itself."""
+        return str(self._url)
+
+    def as_yarl(self) -> yarl.URL:
+        """The URL object to request (holds the token)."""
+        return self._url
+
+    def masked(self) -> str:
+        return logs.mask(str(self._url))
+
+    @property
+    def event_id(self) -> str | None:
+        """The `i` cursor this URL reads after (None: "all latest events")."""
+        return self._url.query.get("i")
+
+    @property
+    def server_timeout(self) -> int:
+        """The long-poll wait this URL asks the server for, clamped to what the API allows."""
+        try:
+            value = int(self._url.query.get("timeout", DEFAULT_SERVER_TIMEOUT))
+        except ValueError:
+            value = DEFAULT_SERVER_TIMEOUT
+        return max(0, min(MAX_SERVER_TIMEOUT, value))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EventsUrl) and other._url == self._url
+
+    def __hash__(self) -> int:
+        return hash(self._url)
+
+    def __str__(self) -> str:
+        return self.masked()
+
+    def __repr__(self) -> str:
+        return f"EventsUrl({self.masked()!r})"
+
+
+@dataclass(frozen=True)
+class Page:
+    """One successful response. `events` is the decoded array exactly as delivered, not validated.
+
+    `next_url` is the accepted `nextUrl` (None when it was null, missing or refused); `next_event_id` is where
+    to resume: the accepted `nextUrl`'s `i`, else the last event id of this page, else the request's own `i`.
+    """
+
+    events: list[Any]
+    next_url: EventsUrl | None
+    next_event_id: str | None
+    received_at: dt.datetime
+    request_event_id: str | None
+    body: bytes = field(repr=False)  # the raw response body; its nextUrl holds the token
+
+
+def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
+    """`raw` as an absolute URL when it has the same scheme, host and port as `base`, else None.
+
+    Relative URLs are resolved against `base`. The URL returned is the very object that will be requested, so
+    the check and the request cannot disagree about where it goes.
+    """
+    if not isinstance(raw, str) or not raw or "\\" in raw or any(ch <= " " or ch == "\x7f" for ch in raw):
+        return None
+    try:
+        url = yarl.URL(raw)
+        if url.scheme and not url.absolute:
+            return None  # "http:///x" and the like: malformed, whatever a join would make of it
+        if not url.absolute:
+            url = base.join(url)
+        same_origin = (
+            url.absolute
+            and url.scheme == base.scheme
+            and url.host is not None
+            and url.host == base.host
+            and url.port == base.port
+            and url.user is None
+            and url.password is None
+        )
+    except (ValueError, TypeError):
+        return None
+    return url if same_origin else None
+
+
+class _RequestLimiter:
+    """At most `limit` requests in any `period` seconds. Times are logical: a wait counts as done."""
+
+    def __init__(self, limit: int, period: float, sleep: Sleep) -> None:
+        self._limit = max(1, limit)
+        self._period = period
+        self._sleep = sleep
+        self._stamps: collections.deque[float] = collections.deque()
+
+    async def acquire(self) -> None:
+        now = time.monotonic()
+        while self._stamps and self._stamps[0] <= now - self._period:
+            self._stamps.popleft()
+        if len(self._stamps) >= self._limit:
+            wait = self._stamps[0] + self._period - now
+            log.info("events_request_limit_reached", wait_s=round(wait, 3))
+            await self._sleep(wait)
+            self._stamps.popleft()
+            now += wait
+        self._stamps.append(now)
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    retry_after: str | None
+    body: bytes
+
+
+class EventsClient:
+    """Polls one broadcaster's Events API feed. One caller at a time: `fetch` calls must not overlap."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        username: str,
+        token: str,
+        timeout: int,
+        on_failure: Recorder,
+        state: runtime_state.RuntimeState,
+        backoff_max: float = 60.0,
+        auth_retry_seconds: float = 300.0,
+        max_requests_per_minute: int = 2000,
+        backoff_initial: float = 1.0,
+        read_margin: float = READ_MARGIN,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        logs.register_secret(token)
+        logs.register_secret(quote(token, safe=""))
+        if not username.strip() or not token.strip():
+            raise errors.ConfigError("the Events API needs a username and a token")
+        base = yarl.URL(base_url.rstrip("/"))
+        if base.scheme not in ("http", "https") or not base.host:
+            raise errors.ConfigError("the Events API base URL must be an http:// or https:// URL")
+        self._session = session
+        self._base = base
+        self._username = username
+        self._token = token
+        self._timeout = max(0, min(MAX_SERVER_TIMEOUT, timeout))
+        self._on_failure = on_failure
+        self._state = state
+        self._backoff_max = backoff_max
+        self._auth_retry_seconds = auth_retry_seconds
+        self._read_margin = read_margin
+        self._sleep = sleep
+        self._limiter = _RequestLimiter(max_requests_per_minute, 60.0, sleep)
+        self._backoff_initial = backoff_initial
+
+    def __repr__(self) -> str:
+        return (
+            f"EventsClient(base_url={str(self._base)!r}, username={self._username!r}, "
+            f"token={logs.MASK!r}, timeout={self._timeout})"
+        )
+
+    def start_url(self, last_event_id: str | None) -> EventsUrl:
+        """The URL that reads after `last_event_id` (from "all latest events" when None)."""
+        path = f"/events/{quote(self._username, safe='')}/{quote(self._token, safe='')}/"
+        query: dict[str, str] = {"i": last_event_id} if last_event_id is not None else {}
+        query["timeout"] = str(self._timeout)
+        base = str(self._base.with_query(None).with_fragment(None)).rstrip("/")
+        return EventsUrl(yarl.URL(f"{base}{path}?{urlencode(query)}", encoded=True))
+
+    async def fetch(self, url: EventsUrl) -> Page:
+        """The next successful response to `url`, retrying every failure for as long as it takes."""
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(EventsApiError),
+            wait=self._wait,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(url, attempt.retry_state.attempt_number)
+        raise AssertionError("tenacity stopped retrying, but it has no stop condition")  # pragma: no cover
+
+    # -- one attempt -----------------------------------------------------------------------------------------
+
+    async def _attempt(self, url: EventsUrl, attempt: int) -> Page:
+        await self._limiter.acquire()
+        try:
+            response = await self._get(url)
+            page = await self._page(url, response, attempt)
+        except EventsApiError as error:
+            await self._failed(url, error, attempt)
+            raise
+        self._state.poll_succeeded()
+        metrics.LAST_POLL.set(time.time())
+        if self._state.token_rejected:
+            self._state.token_rejected = False
+            log.info("events_token_accepted")
+        return page
+
+    async def _get(self, url: EventsUrl) -> _Response:
+        read = max(url.server_timeout, self._timeout) + self._read_margin
+        timeout = aiohttp.ClientTimeout(
+            total=read + CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=read
+        )
+        started = time.monotonic()
+        status = "error"
+        try:
+            async with self._session.get(url.as_yarl(), allow_redirects=False, timeout=timeout) as response:
+                status = str(response.status)
+                body = await response.read()
+                return _Response(response.status, response.headers.get("Retry-After"), body)
+        # Only type names go into messages: aiohttp's own texts carry the URL, hence the token.
+        except TimeoutError:
+            raise RequestTimedOut(f"no answer within {read:g} s") from None
+        except (aiohttp.ClientError, OSError) as error:
+            raise ConnectionFailed(f"connection failed ({type(error).__name__})") from None
+        finally:
+            metrics.API_REQUESTS.labels(api=API, status=status).inc()
+            metrics.POLL_SECONDS.observe(time.monotonic() - started)
+
+    async def _page(self, url: EventsUrl, response: _Response, attempt: int) -> Page:
+        status = response.status
+        excerpt = _excerpt(response.body)
+        if status == 200:
+            payload = _decode(response.body, excerpt)
+            events = payload.get("events")
+            if not isinstance(events, list):
+                raise BadBody("the body has no events array", status=status, excerpt=excerpt)
+        elif status == 400:
+            # The undocumented "waited too long for events" form: a continuation when it names a nextUrl.
+            continuation = _decode_or_none(response.body)
+            if continuation is None or not isinstance(continuation.get("nextUrl"), str):
+                raise ClientRequestError("HTTP 400", status=status, excerpt=excerpt)
+            payload, events = continuation, []
+        else:
+            raise _status_error(response, excerpt)
+        next_url = await self._accept_next_url(payload, status, attempt)
+        fallback = _last_event_id(events) or url.event_id
+        return Page(
+            events=events,
+            next_url=next_url,
+            next_event_id=(next_url.event_id if next_url else None) or fallback,
+            received_at=dt.datetime.now(dt.UTC),
+            request_event_id=url.event_id,
+            body=response.body,
+        )
+
+    async def _accept_next_url(self, payload: dict[str, Any], status: int, attempt: int) -> EventsUrl | None:
+        raw = payload.get("nextUrl")
+        if raw is None:
+            return None
+        resolved = resolve_next_url(self._base, raw)
+        if resolved is not None:
+            return EventsUrl(resolved)
+        shown = logs.mask(raw if isinstance(raw, str) else repr(raw))[:500]
+        log.warning("events_next_url_refused", next_url=shown, reason="not the configured origin")
+        metrics.API_FAILURES.labels(api=API, kind=FOREIGN_NEXT_URL).inc()
+        await self._record(
+            db.ApiFailure(
+                api=API,
+                operation=OPERATION,
+                url=shown,
+                error_kind=FOREIGN_NEXT_URL,
+                http_status=status,
+                body_excerpt=None,
+                attempt=attempt,
+                occurred_at=dt.datetime.now(dt.UTC),
+            )
+        )
+        return None
+
+    # -- failures and waits ----------------------------------------------------------------------------------
+
+    async def _failed(self, url: EventsUrl, error: EventsApiError, attempt: int) -> None:
+        metrics.API_FAILURES.labels(api=API, kind=error.kind).inc()
+        if isinstance(error, TokenRejected):
+            self._state.token_rejected = True
+            log.error(
+                "events_token_rejected",
+                message=(
+                    f"The Events API rejected the token for {self._username!r}. Make a token at {AUTH_PAGE} "
+                    f'with the "Events API" scope and set MHC_CB_EVENTS_TOKEN.'
+                ),
+                status=error.status,
+                retry_in_s=self._auth_retry_seconds,
+            )
+        else:
+            log.warning(
+                "events_poll_failed",
+                kind=error.kind,
+                status=error.status,
+                attempt=attempt,
+                url=url.masked(),
+                error=str(error),
+                body=error.excerpt,
+            )
+        await self._record(
+            db.ApiFailure(
+                api=API,
+                operation=OPERATION,
+                url=url.masked(),
+                error_kind=error.kind,
+                http_status=error.status,
+                body_excerpt=error.excerpt,
+                attempt=attempt,
+                occurred_at=dt.datetime.now(dt.UTC),
+            )
+        )
+
+    async def _record(self, failure: db.ApiFailure) -> None:
+        try:
+            await self._on_failure(failure)
+        except errors.DaemonError as error:
+            # Losing a failure row must not stop the polling that would deliver the events.
+            log.warning("api_failure_not_recorded", kind=failure.error_kind, error=str(error))
+
+    def _wait(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, TokenRejected):
+            return self._auth_retry_seconds
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            return error.retry_after
+        if isinstance(error, ClientRequestError):
+            return self._backoff_max  # a 4xx will not heal quickly: retry slowly
+        # Exponential with jitter, capped: clients that failed together do not retry in lockstep.
+        exponent = min(retry_state.attempt_number - 1, 60)
+        jitter = random.uniform(0, self._backoff_initial)  # noqa: S311  # timing jitter, not a secret
+        return min(self._backoff_max, self._backoff_initial * float(2**exponent) + jitter)
+
+
+def _status_error(response: _Response, excerpt: str | None) -> EventsApiError:
+    status = response.status
+    if status in (401, 403):
+        return TokenRejected(f"HTTP {status}", status=status, excerpt=excerpt)
+    if status == 429:
+        return RateLimited(
+            "HTTP 429", status=status, excerpt=excerpt, retry_after=parse_retry_after(response.retry_after)
+        )
+    if status >= 500:
+        return ServerError(f"HTTP {status}", status=status, excerpt=excerpt)
+    # Other 4xx, and 3xx too: redirects are never followed, so either means a configuration problem.
+    return ClientRequestError(f"HTTP {status}", status=status, excerpt=excerpt)
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), capped; None if unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return max(0.0, min(seconds, MAX_RETRY_AFTER))
+
+
+def _excerpt(body: bytes) -> str | None:
+    if not body:
+        return None
+    # Mask before cutting, so a token split by the cut cannot survive in part.
+    text = logs.mask(body[: EXCERPT_CHARS * 10].decode("utf-8", errors="replace"))
+    return text[:EXCERPT_CHARS]
+
+
+def _decode_or_none(body: bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(body)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _decode(body: bytes, excerpt: str | None) -> dict[str, Any]:
+    payload = _decode_or_none(body)
+    if payload is None:
+        raise BadBody("the body is not a JSON object", status=200, excerpt=excerpt)
+    return payload
+
+
+def _last_event_id(events: list[Any]) -> str | None:
+    for event in reversed(events):
+        event_id = event.get("id") if isinstance(event, dict) else None
+        if isinstance(event_id, str) and event_id:
+            return event_id
+    return None
