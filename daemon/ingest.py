@@ -322,6 +322,8 @@ def _map(
         name, content = _media(payload, metadata)
         return name, "MEDIA_PURCHASE", content
     metadata["user"] = _flags(payload)
+    if not broadcaster:  # neither the event nor the configuration names the room's owner
+        raise _Unmappable(f"{method} without a broadcaster")
     if method == "roomSubjectChange":
         subject = payload.get("subject")
         if not isinstance(subject, str):
@@ -346,10 +348,10 @@ def _envelope(item: Any) -> tuple[str, str, dict[str, Any]]:
 
 def _room(payload: dict[str, Any], configured: str) -> str:
     value = payload.get("broadcaster")
-    name = normalize_name(value) if isinstance(value, str) else ""
+    name = (normalize_name(value) if isinstance(value, str) else "") or configured
     if len(name) > NAME_MAX:
         raise _Unmappable(f"broadcaster longer than {NAME_MAX} characters")
-    return name or configured
+    return name
 
 
 @dataclass
