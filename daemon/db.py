@@ -229,6 +229,7 @@ async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[ApiFa
 # Events API ingestion: the cursor and the one-transaction-per-response writer.
 
 log = logs.get_logger(__name__)
+_JSON = json.JSONEncoder(ensure_ascii=False)  # ingest already proved every value storable
 
 
 @dataclass(frozen=True)
@@ -285,20 +286,21 @@ def _see(sightings: dict[str, _Sighting], name: str, role: str, at: dt.datetime)
 
 
 async def _find_or_create_many(
-    connection: Connection, sightings: dict[str, _Sighting], platform: str
+    connection: Connection,
+    sightings: dict[str, _Sighting],
+    platform: str,
+    aliases: list[asyncpg.Record] | None = None,
 ) -> dict[str, Person]:
-    """Find or create every named person in two round trips, honouring current aliases."""
-    names = list(sightings)
-    aliased = await connection.fetch(sql_files.query("resolve_aliases"), names, platform)
-    alias_owner = {row["name"]: row["person_id"] for row in aliased}
-    # The original username of a person also seen by alias in this batch is touched with it: one statement
-    # must not modify the same row twice.
-    username_owner = {row["username"]: row["person_id"] for row in aliased}
+    """Find or create every named person, honouring current aliases (rows of `resolve_aliases`, looked up
+    here unless the caller already has them): one or two round trips, one more when an alias matches."""
+    if aliases is None:
+        aliases = await connection.fetch(sql_files.query("resolve_aliases"), list(sightings), platform)
+    owner = {row["name"]: row["id"] for row in sorted(aliases, key=lambda row: row["at"])}
     touch: dict[uuid.UUID, _Sighting] = {}
     names_of: dict[uuid.UUID, list[str]] = {}
     creating: dict[str, _Sighting] = {}
     for name, sighting in sightings.items():
-        target = alias_owner.get(name) or username_owner.get(name)
+        target = owner.get(name)
         if target is None:
             creating[name] = sighting
             continue
@@ -309,24 +311,32 @@ async def _find_or_create_many(
         else:
             merged.role = widen_role(merged.role, sighting.role)
             merged.last = max(merged.last, sighting.last)
-    rows = await connection.fetch(
-        sql_files.query("upsert_persons"),
-        list(touch),
-        [s.last for s in touch.values()],
-        [s.role for s in touch.values()],
-        list(creating),
-        [s.role for s in creating.values()],
-        [s.first for s in creating.values()],
-        [s.last for s in creating.values()],
-        platform,
-        list(EXCLUDED_USERNAMES),
-        EXCLUDED_WATCHLIST,
-    )
     people: dict[str, Person] = {}
-    for row in rows:
-        person = _person(row)
-        for name in names_of.get(person.id, []) if row["name"] is None else [row["name"]]:
-            people[name] = person
+    if touch:
+        # A separate statement from the upsert: a name in `creating` may be the original username of a
+        # person touched here, and one statement must not modify a row twice.
+        touched = await connection.fetch(
+            sql_files.query("touch_persons"),
+            list(touch),
+            [s.last for s in touch.values()],
+            [s.role for s in touch.values()],
+        )
+        for row in touched:
+            for name in names_of[row["id"]]:
+                people[name] = _person(row)
+    if creating:
+        upserted = await connection.fetch(
+            sql_files.query("upsert_persons"),
+            list(creating),
+            [s.role for s in creating.values()],
+            [s.first for s in creating.values()],
+            [s.last for s in creating.values()],
+            platform,
+            list(EXCLUDED_USERNAMES),
+            EXCLUDED_WATCHLIST,
+        )
+        for row in upserted:
+            people[row["username"]] = _person(row)
     return people
 
 
@@ -392,10 +402,11 @@ def _first_by_event(rows: list[Any]) -> dict[str, Any]:
     return found
 
 
-async def _insert_events(connection: Connection, batch: ingest.Batch) -> list[ingest.StoredEvent]:
-    """Insert the raw events; the ones new in this transaction, first occurrence each, in page order."""
-    if not batch.events:
-        return []
+async def _insert_events(
+    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str, timeout_seconds: int
+) -> list[ingest.StoredEvent]:
+    """Insert the raw events and move the cursor; return the events new in this transaction, first
+    occurrence each, in page order."""
     events = batch.events
     inserted = await connection.fetch(
         sql_files.query("insert_events"),
@@ -405,6 +416,9 @@ async def _insert_events(connection: Connection, batch: ingest.Batch) -> list[in
         [event.event_time for event in events],
         batch.received_at,
         [event.raw_json for event in events],
+        normalize_username(cursor_broadcaster),
+        batch.next_event_id,
+        timeout_seconds,
     )
     new_ids = {row["event_id"] for row in inserted}
     fresh: list[ingest.StoredEvent] = []
@@ -426,9 +440,12 @@ async def _derive(connection: Connection, batch: ingest.Batch, fresh: list[inges
     for event in mapped:
         row = rows[event.event_id]
         _see(sightings, row.username, row.role, row.timestamp)
-    people = await _find_or_create_many(connection, sightings, PLATFORM)
-    live = await connection.fetch(sql_files.query("live_sessions"), list({e.broadcaster for e in mapped}))
-    sessions = _Sessions(live={r["broadcaster"]: _Live(r["id"], r["started_at"], False) for r in live})
+    rooms = list({event.broadcaster for event in mapped})
+    context = await connection.fetch(sql_files.query("batch_context"), list(sightings), PLATFORM, rooms)
+    aliases = [row for row in context if row["kind"] == "alias"]
+    people = await _find_or_create_many(connection, sightings, PLATFORM, aliases)
+    live = {row["name"]: _Live(row["id"], row["at"], False) for row in context if row["kind"] == "live"}
+    sessions = _Sessions(live=live)
     person_ids: list[uuid.UUID] = []
     session_ids: list[uuid.UUID | None] = []
     for event in mapped:
@@ -463,7 +480,7 @@ async def _derive(connection: Connection, batch: ingest.Batch, fresh: list[inges
         [row.type for row in interactions],
         [row.content for row in interactions],
         [row.timestamp for row in interactions],
-        [json.dumps(row.metadata, ensure_ascii=False) for row in interactions],
+        [_JSON.encode(row.metadata) for row in interactions],
     )
     sessions.interactions = _row_count(status)
     return sessions
@@ -477,7 +494,7 @@ def _row_count(status: str) -> int:
 async def _write(
     connection: Connection, batch: ingest.Batch, cursor_broadcaster: str, timeout_seconds: int
 ) -> WriteResult:
-    fresh = await _insert_events(connection, batch)
+    fresh = await _insert_events(connection, batch, cursor_broadcaster, timeout_seconds)
     sessions = await _derive(connection, batch, fresh)
     quarantined = 0
     if batch.quarantined:
@@ -491,12 +508,6 @@ async def _write(
             [item.reason for item in items],
         )
         quarantined = _row_count(status)
-    await connection.execute(
-        sql_files.query("save_cursor"),
-        normalize_username(cursor_broadcaster),
-        batch.next_event_id,
-        timeout_seconds,
-    )
     return WriteResult(
         new_events=len(fresh),
         duplicates=len(batch.events) - len(fresh),

@@ -30,7 +30,17 @@ FROM api_failures ORDER BY occurred_at DESC LIMIT $1;
 SELECT broadcaster, last_event_id, timeout_seconds FROM ingest_cursor WHERE broadcaster = $1;
 
 -- name: insert_events
--- The idempotency point: a re-delivered event hits the primary key and is not returned.
+-- The raw events of one response and the read position after it ($7..$9), in one statement. The primary key
+-- is the idempotency point: a re-delivered event is not inserted and not returned. A response without a next
+-- id (nextUrl null) keeps the last committed position rather than forgetting it.
+WITH moved AS (
+  INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
+  VALUES ($7, $8, $9, NOW())
+  ON CONFLICT (broadcaster) DO UPDATE SET
+    last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
+    timeout_seconds = EXCLUDED.timeout_seconds,
+    updated_at = NOW()
+)
 INSERT INTO events (event_id, method, broadcaster, event_time, received_at, raw)
 SELECT e.event_id, e.method, e.broadcaster, e.event_time, $5, e.raw::jsonb
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $6::text[])
@@ -39,38 +49,39 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id;
 
 -- name: resolve_aliases
--- Names that are a current alias: they belong to the aliased person, not to a persons row of that name.
-SELECT DISTINCT ON (n.name) n.name, a.person_id, p.username
-FROM unnest($1::text[]) AS n(name)
-JOIN person_aliases a ON a.alias = n.name AND a.platform = $2 AND a.valid_to IS NULL
-JOIN persons p ON p.id = a.person_id
-ORDER BY n.name, a.valid_from DESC;
+-- Names that are a current alias belong to the aliased person (the newest alias wins, as in find_person).
+-- Kept flat, the caller picks the newest: a DISTINCT ON form ran ten times slower once PostgreSQL settled on a
+-- generic plan made while the tables were small.
+SELECT a.alias AS name, a.person_id AS id, a.valid_from AS at
+FROM person_aliases a
+WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL;
+
+-- name: touch_persons
+-- Person bookkeeping for persons found by alias: last_seen_at only moves forward, roles widen
+-- (VIEWER + MODEL = BOTH). The same rule as upsert_persons and db.widen_role.
+UPDATE persons AS p SET
+  last_seen_at = GREATEST(p.last_seen_at, t.seen),
+  role = CASE
+    WHEN p.role = t.role OR t.role = 'UNKNOWN' THEN p.role
+    WHEN p.role = 'UNKNOWN' THEN t.role
+    ELSE 'BOTH'
+  END,
+  updated_at = CASE
+    WHEN t.seen > p.last_seen_at OR p.role IS DISTINCT FROM t.role THEN NOW()
+    ELSE p.updated_at
+  END
+FROM unnest($1::uuid[], $2::timestamp[], $3::text[]) AS t(id, seen, role)
+WHERE p.id = t.id
+RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at, p.is_excluded;
 
 -- name: upsert_persons
--- The person bookkeeping rule, in one statement for a whole batch (find_or_create_person uses it too):
--- persons found through an alias ($1..$3) are touched; the other names ($4..$7) are created or touched.
--- last_seen_at only moves forward; roles widen (VIEWER + MODEL = BOTH, as db.widen_role); a person created
--- under an excluded name ($9) starts excluded and joins the Excluded watchlist ($10). $8 is the platform.
-WITH touched AS (
-  UPDATE persons AS p SET
-    last_seen_at = GREATEST(p.last_seen_at, t.seen),
-    role = CASE
-      WHEN p.role = t.role OR t.role = 'UNKNOWN' THEN p.role
-      WHEN p.role = 'UNKNOWN' THEN t.role
-      ELSE 'BOTH'
-    END,
-    updated_at = CASE
-      WHEN t.seen > p.last_seen_at OR p.role IS DISTINCT FROM t.role THEN NOW()
-      ELSE p.updated_at
-    END
-  FROM unnest($1::uuid[], $2::timestamp[], $3::text[]) AS t(id, seen, role)
-  WHERE p.id = t.id
-  RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at,
-    p.is_excluded, NULL::text AS name, false AS inserted
-), upserted AS (
+-- Creates each named person, or moves last_seen_at forward and widens the role (VIEWER + MODEL = BOTH, as
+-- db.widen_role). A person created under an excluded name ($6) starts excluded and joins the Excluded
+-- watchlist ($7). $5 is the platform.
+WITH upserted AS (
   INSERT INTO persons AS p (username, platform, role, first_seen_at, last_seen_at, is_excluded)
-  SELECT u.name, $8, u.role, u.first_seen, u.last_seen, u.name = ANY($9::text[])
-  FROM unnest($4::text[], $5::text[], $6::timestamp[], $7::timestamp[]) AS u(name, role, first_seen, last_seen)
+  SELECT u.name, $5, u.role, u.first_seen, u.last_seen, u.name = ANY($6::text[])
+  FROM unnest($1::text[], $2::text[], $3::timestamp[], $4::timestamp[]) AS u(name, role, first_seen, last_seen)
   ORDER BY u.name
   ON CONFLICT (username, platform) DO UPDATE SET
     last_seen_at = GREATEST(p.last_seen_at, EXCLUDED.last_seen_at),
@@ -84,20 +95,14 @@ WITH touched AS (
       ELSE p.updated_at
     END
   RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at,
-    p.is_excluded, p.username AS name, (xmax = 0) AS inserted
+    p.is_excluded, (xmax = 0) AS inserted
 ), listed AS (
   INSERT INTO watchlist_members (watchlist_id, person_id)
-  SELECT w.id, u.id FROM upserted u JOIN watchlists w ON w.name = $10
+  SELECT w.id, u.id FROM upserted u JOIN watchlists w ON w.name = $7
   WHERE u.inserted AND u.is_excluded
   ON CONFLICT (watchlist_id, person_id) DO NOTHING
 )
-SELECT * FROM touched
-UNION ALL
 SELECT * FROM upserted;
-
--- name: live_sessions
-SELECT id, broadcaster, started_at FROM stream_sessions
-WHERE status = 'LIVE' AND broadcaster = ANY($1::text[]);
 
 -- name: end_sessions
 UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, updated_at = NOW()
@@ -123,11 +128,14 @@ INSERT INTO quarantined_events (fingerprint, event_id, method, raw, reason)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
 ON CONFLICT (fingerprint) DO NOTHING;
 
--- name: save_cursor
--- A page without a next id (nextUrl null) keeps the last committed position rather than forgetting it.
-INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
-VALUES ($1, $2, $3, NOW())
-ON CONFLICT (broadcaster) DO UPDATE SET
-  last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
-  timeout_seconds = EXCLUDED.timeout_seconds,
-  updated_at = NOW();
+-- name: batch_context
+-- What the events writer must know before it writes a batch's rows, in one round trip: the current aliases
+-- among its names ($1, platform $2; kind 'alias', like resolve_aliases) and the LIVE sessions of its rooms
+-- ($3; kind 'live', name = broadcaster, at = started_at).
+SELECT 'alias' AS kind, a.alias AS name, a.person_id AS id, a.valid_from AS at
+FROM person_aliases a
+WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL
+UNION ALL
+SELECT 'live', s.broadcaster, s.id, s.started_at
+FROM stream_sessions s
+WHERE s.status = 'LIVE' AND s.broadcaster = ANY($3::text[]);

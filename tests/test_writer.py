@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
+import structlog
 
 from daemon import db, errors, ingest, metrics
 from tests import event_samples as sample
@@ -217,7 +218,10 @@ async def test_broadcast_sessions_open_link_and_close(pool: asyncpg.Pool) -> Non
 
 
 async def test_a_whole_show_in_one_page_and_a_stop_without_session(pool: asyncpg.Pool) -> None:
-    orphan = await _write(pool, sample.page([sample.stop(1)]))
+    with structlog.testing.capture_logs() as captured:
+        orphan = await _write(pool, sample.page([sample.stop(1)]))
+    (warning,) = [line for line in captured if line["event"] == "broadcast_stop_without_session"]
+    assert (warning["log_level"], warning["event_id"]) == ("warning", sample.event_id(1))
     assert (orphan.orphan_stops, orphan.sessions_closed, orphan.new_events, orphan.interactions) == (
         1,
         0,
