@@ -6,16 +6,19 @@ Timestamps are naive UTC `datetime`s, matching the seed's TIMESTAMP columns (eve
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
-from daemon import errors, logs, sql_files
+from daemon import errors, ingest, logs, metrics, sql_files
 
 PLATFORM = "chaturbate"
 # The seed's exclusion rule: these people are excluded from every aggregate from the moment they are created.
@@ -152,6 +155,7 @@ async def find_or_create_person(
     """Find a person by username or current alias, or create one; `last_seen_at` only moves forward.
 
     A person created under an excluded name starts excluded and is put on the Excluded watchlist.
+    The same batched statement serves the events writer, so the rule lives in one place.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
@@ -165,18 +169,8 @@ async def find_or_create_person(
 async def _find_or_create(
     connection: Connection, name: str, seen: dt.datetime, role: str, platform: str
 ) -> Person:
-    found = await connection.fetchrow(sql_files.query("find_person"), name, platform)
-    if found is not None and found["username"] != name:
-        # Found through a current alias: the persons row keeps its original username.
-        row = await connection.fetchrow(sql_files.query("touch_person"), found["id"], seen, role)
-        return _person(row)
-    row = await connection.fetchrow(
-        sql_files.query("upsert_person"), name, platform, role, seen, name in EXCLUDED_USERNAMES
-    )
-    person = _person(row)
-    if row is not None and row["inserted"] and person.is_excluded:
-        await connection.execute(sql_files.query("add_to_watchlist"), EXCLUDED_WATCHLIST, person.id)
-    return person
+    people = await _find_or_create_many(connection, {name: _Sighting(role, seen, seen)}, platform)
+    return people[name]
 
 
 @dataclass(frozen=True)
@@ -229,3 +223,339 @@ async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[ApiFa
         )
         for row in rows
     ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Events API ingestion: the cursor and the one-transaction-per-response writer.
+
+log = logs.get_logger(__name__)
+_JSON = json.JSONEncoder(ensure_ascii=False)  # ingest already proved every value storable
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The committed read position of one broadcaster's event stream."""
+
+    broadcaster: str
+    last_event_id: str | None
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one committed response changed. Counts cover this transaction only."""
+
+    new_events: int  # events rows inserted (a re-delivered event is not new)
+    duplicates: int  # delivered events whose id was already stored (or repeated within the page)
+    interactions: int
+    quarantined: int  # new quarantine rows (a bad event delivered again adds none)
+    sessions_opened: int
+    sessions_closed: int
+    orphan_stops: int  # broadcastStop events with no LIVE session to end: logged, counted, not an error
+    unknown_methods: int  # new events of a method this version does not map
+    newest_event_time: dt.datetime | None  # naive UTC server time of the newest new event
+    new_by_method: dict[str, int] = field(default_factory=dict)  # new events per method (metrics, reports)
+
+
+@dataclass
+class _Sighting:
+    """One person's appearances in a batch: the widest role, the earliest and the latest time."""
+
+    role: str
+    first: dt.datetime
+    last: dt.datetime
+
+
+def widen_role(current: str, seen_as: str) -> str:
+    """VIEWER + MODEL = BOTH; UNKNOWN never narrows anything. The SQL of `upsert_persons` says the same."""
+    if current == seen_as or seen_as == "UNKNOWN":
+        return current
+    if current == "UNKNOWN":
+        return seen_as
+    return "BOTH"
+
+
+def _see(sightings: dict[str, _Sighting], name: str, role: str, at: dt.datetime) -> None:
+    found = sightings.get(name)
+    if found is None:
+        sightings[name] = _Sighting(role, at, at)
+        return
+    found.role = widen_role(found.role, role)
+    found.first = min(found.first, at)
+    found.last = max(found.last, at)
+
+
+async def _find_or_create_many(
+    connection: Connection,
+    sightings: dict[str, _Sighting],
+    platform: str,
+    aliases: list[asyncpg.Record] | None = None,
+) -> dict[str, Person]:
+    """Find or create every named person, honouring current aliases (rows of `resolve_aliases`, looked up
+    here unless the caller already has them): one or two round trips, one more when an alias matches."""
+    if aliases is None:
+        aliases = await connection.fetch(sql_files.query("resolve_aliases"), list(sightings), platform)
+    owner = {row["name"]: row["id"] for row in sorted(aliases, key=lambda row: row["at"])}
+    touch: dict[uuid.UUID, _Sighting] = {}
+    names_of: dict[uuid.UUID, list[str]] = {}
+    creating: dict[str, _Sighting] = {}
+    for name, sighting in sightings.items():
+        target = owner.get(name)
+        if target is None:
+            creating[name] = sighting
+            continue
+        names_of.setdefault(target, []).append(name)
+        merged = touch.get(target)
+        if merged is None:
+            touch[target] = _Sighting(sighting.role, sighting.first, sighting.last)
+        else:
+            merged.role = widen_role(merged.role, sighting.role)
+            merged.last = max(merged.last, sighting.last)
+    people: dict[str, Person] = {}
+    if touch:
+        # A separate statement from the upsert: a name in `creating` may be the original username of a
+        # person touched here, and one statement must not modify a row twice.
+        touched = await connection.fetch(
+            sql_files.query("touch_persons"),
+            list(touch),
+            [s.last for s in touch.values()],
+            [s.role for s in touch.values()],
+        )
+        for row in touched:
+            for name in names_of[row["id"]]:
+                people[name] = _person(row)
+    if creating:
+        upserted = await connection.fetch(
+            sql_files.query("upsert_persons"),
+            list(creating),
+            [s.role for s in creating.values()],
+            [s.first for s in creating.values()],
+            [s.last for s in creating.values()],
+            platform,
+            list(EXCLUDED_USERNAMES),
+            EXCLUDED_WATCHLIST,
+        )
+        for row in upserted:
+            people[row["username"]] = _person(row)
+    return people
+
+
+async def load_cursor(pool: asyncpg.Pool, broadcaster: str) -> Cursor | None:
+    """The committed read position of `broadcaster`, or None before the first committed response."""
+    with translate_errors():
+        row = await pool.fetchrow(sql_files.query("load_cursor"), normalize_username(broadcaster))
+    if row is None:
+        return None
+    return Cursor(row["broadcaster"], row["last_event_id"], row["timeout_seconds"])
+
+
+@dataclass
+class _Live:
+    id: uuid.UUID
+    started_at: dt.datetime
+    opened_here: bool
+
+
+@dataclass
+class _Sessions:
+    """Stream-session state while a batch is walked in event order, and the writes it leads to."""
+
+    live: dict[str, _Live]
+    opened: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # id -> [broadcaster, started, ended]
+    ended: dict[uuid.UUID, dt.datetime] = field(default_factory=dict)  # sessions that were live before
+    orphan_stops: int = 0
+    closed: int = 0
+    interactions: int = 0
+
+    def apply(self, change: ingest.SessionChange) -> None:
+        current = self.live.get(change.broadcaster)
+        if change.kind == "start":
+            if current is None:  # a start while live opens nothing: the show goes on
+                session_id = uuid.uuid4()
+                self.live[change.broadcaster] = _Live(session_id, change.at, opened_here=True)
+                self.opened[session_id] = [change.broadcaster, change.at, None]
+            return
+        if current is None:
+            self.orphan_stops += 1
+            log.warning(
+                "broadcast_stop_without_session", broadcaster=change.broadcaster, event_id=change.event_id
+            )
+            return
+        del self.live[change.broadcaster]
+        self.closed += 1
+        if current.opened_here:
+            self.opened[current.id][2] = change.at
+        else:
+            self.ended[current.id] = change.at
+
+    def link(self, broadcaster: str, at: dt.datetime) -> uuid.UUID | None:
+        """The session live for `broadcaster` at this point of the stream, if `at` is not before its start."""
+        current = self.live.get(broadcaster)
+        return current.id if current is not None and at >= current.started_at else None
+
+
+def _first_by_event(rows: list[Any]) -> dict[str, Any]:
+    """Rows keyed by event id; an id repeated within a page keeps its first row, as the events insert does."""
+    found: dict[str, Any] = {}
+    for row in rows:
+        found.setdefault(row.event_id, row)
+    return found
+
+
+async def _insert_events(
+    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str, timeout_seconds: int
+) -> list[ingest.StoredEvent]:
+    """Insert the raw events and move the cursor; return the events new in this transaction, first
+    occurrence each, in page order."""
+    events = batch.events
+    inserted = await connection.fetch(
+        sql_files.query("insert_events"),
+        [event.event_id for event in events],
+        [event.method for event in events],
+        [event.broadcaster for event in events],
+        [event.event_time for event in events],
+        batch.received_at,
+        [event.raw_json for event in events],
+        normalize_username(cursor_broadcaster),
+        batch.next_event_id,
+        timeout_seconds,
+    )
+    new_ids = {row["event_id"] for row in inserted}
+    fresh: list[ingest.StoredEvent] = []
+    for event in events:
+        if event.event_id in new_ids:
+            new_ids.discard(event.event_id)
+            fresh.append(event)
+    return fresh
+
+
+async def _derive(connection: Connection, batch: ingest.Batch, fresh: list[ingest.StoredEvent]) -> _Sessions:
+    """Persons, sessions and interactions of the new events, in event order."""
+    rows = _first_by_event(batch.interactions)
+    changes = _first_by_event(batch.session_changes)
+    mapped = [event for event in fresh if event.event_id in rows]
+    if not mapped:
+        return _Sessions(live={})
+    sightings: dict[str, _Sighting] = {}
+    for event in mapped:
+        row = rows[event.event_id]
+        _see(sightings, row.username, row.role, row.timestamp)
+    rooms = list({event.broadcaster for event in mapped})
+    context = await connection.fetch(sql_files.query("batch_context"), list(sightings), PLATFORM, rooms)
+    aliases = [row for row in context if row["kind"] == "alias"]
+    people = await _find_or_create_many(connection, sightings, PLATFORM, aliases)
+    live = {row["name"]: _Live(row["id"], row["at"], False) for row in context if row["kind"] == "live"}
+    sessions = _Sessions(live=live)
+    person_ids: list[uuid.UUID] = []
+    session_ids: list[uuid.UUID | None] = []
+    for event in mapped:
+        row = rows[event.event_id]
+        change = changes.get(event.event_id)
+        if change is not None and change.kind == "start":
+            sessions.apply(change)
+        person_ids.append(people[row.username].id)
+        session_ids.append(sessions.link(event.broadcaster, row.timestamp))
+        if change is not None and change.kind == "stop":
+            sessions.apply(change)  # the stop itself still belongs to the show it ends
+    if sessions.ended:
+        await connection.execute(
+            sql_files.query("end_sessions"), list(sessions.ended), list(sessions.ended.values())
+        )
+    if sessions.opened:
+        opened = list(sessions.opened.values())
+        await connection.execute(
+            sql_files.query("insert_sessions"),
+            PLATFORM,
+            list(sessions.opened),
+            [item[0] for item in opened],
+            [item[1] for item in opened],
+            [item[2] for item in opened],
+        )
+    interactions = [rows[event.event_id] for event in mapped]
+    status = await connection.execute(
+        sql_files.query("insert_interactions"),
+        ingest.SOURCE,
+        person_ids,
+        session_ids,
+        [row.type for row in interactions],
+        [row.content for row in interactions],
+        [row.timestamp for row in interactions],
+        [_JSON.encode(row.metadata) for row in interactions],
+    )
+    sessions.interactions = _row_count(status)
+    return sessions
+
+
+def _row_count(status: str) -> int:
+    """The row count of a command tag such as `INSERT 0 5`."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _write(
+    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str, timeout_seconds: int
+) -> WriteResult:
+    fresh = await _insert_events(connection, batch, cursor_broadcaster, timeout_seconds)
+    sessions = await _derive(connection, batch, fresh)
+    quarantined = 0
+    if batch.quarantined:
+        items = batch.quarantined
+        status = await connection.execute(
+            sql_files.query("insert_quarantined"),
+            [item.fingerprint for item in items],
+            [item.event_id for item in items],
+            [item.method for item in items],
+            [item.raw_text for item in items],
+            [item.reason for item in items],
+        )
+        quarantined = _row_count(status)
+    return WriteResult(
+        new_events=len(fresh),
+        duplicates=len(batch.events) - len(fresh),
+        interactions=sessions.interactions,
+        quarantined=quarantined,
+        sessions_opened=len(sessions.opened),
+        sessions_closed=sessions.closed,
+        orphan_stops=sessions.orphan_stops,
+        unknown_methods=sum(1 for event in fresh if event.method not in ingest.KNOWN_METHODS),
+        newest_event_time=max((event.event_time for event in fresh), default=None),
+        new_by_method=dict(collections.Counter(event.method for event in fresh)),
+    )
+
+
+async def write_batch(
+    pool: asyncpg.Pool, batch: ingest.Batch, *, cursor_broadcaster: str, timeout_seconds: int
+) -> WriteResult:
+    """Store one API response in one transaction: its new events, their rows, session changes, quarantined
+    items and the cursor after it. All or nothing; an event already stored is skipped with everything derived
+    from it. Updates the ingest metrics (events, duplicates, quarantined, unknown methods, rows, write time,
+    lag) after the commit, so a rolled-back write counts nothing."""
+    started = time.perf_counter()
+    with translate_errors():
+        async with pool.acquire() as connection, connection.transaction():
+            result = await _write(connection, batch, cursor_broadcaster, timeout_seconds)
+    metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
+    _count(result)
+    log.debug(
+        "batch_stored",
+        events=result.new_events,
+        duplicates=result.duplicates,
+        interactions=result.interactions,
+        quarantined=result.quarantined,
+    )
+    return result
+
+
+def _count(result: WriteResult) -> None:
+    for method, count in result.new_by_method.items():
+        # A label per unknown method would let the API grow the metric without bound.
+        label = method if method in ingest.KNOWN_METHODS else "other"
+        metrics.EVENTS.labels(method=label).inc(count)
+    metrics.DUPLICATES.inc(result.duplicates)
+    metrics.QUARANTINED.inc(result.quarantined)
+    metrics.UNKNOWN_METHODS.inc(result.unknown_methods)
+    metrics.ROWS.labels(table="events").inc(result.new_events)
+    metrics.ROWS.labels(table="interactions").inc(result.interactions)
+    metrics.ROWS.labels(table="quarantined_events").inc(result.quarantined)
+    metrics.ROWS.labels(table="stream_sessions").inc(result.sessions_opened)
+    if result.newest_event_time is not None:
+        metrics.INGEST_LAG.set((utc_now() - result.newest_event_time).total_seconds())

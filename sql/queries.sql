@@ -10,37 +10,6 @@ WHERE p.platform = $2 AND (p.username = $1 OR a.id IS NOT NULL)
 ORDER BY (a.id IS NOT NULL) DESC
 LIMIT 1;
 
--- name: upsert_person
--- Creates the person, or moves last_seen_at forward and widens the role (VIEWER + MODEL = BOTH).
-INSERT INTO persons AS p (username, platform, role, first_seen_at, last_seen_at, is_excluded)
-VALUES ($1, $2, $3, $4, $4, $5)
-ON CONFLICT (username, platform) DO UPDATE SET
-  last_seen_at = GREATEST(p.last_seen_at, EXCLUDED.last_seen_at),
-  role = CASE
-    WHEN p.role = EXCLUDED.role OR EXCLUDED.role = 'UNKNOWN' THEN p.role
-    WHEN p.role = 'UNKNOWN' THEN EXCLUDED.role
-    ELSE 'BOTH'
-  END,
-  updated_at = CASE
-    WHEN EXCLUDED.last_seen_at > p.last_seen_at OR p.role IS DISTINCT FROM EXCLUDED.role THEN NOW()
-    ELSE p.updated_at
-  END
-RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at, p.is_excluded,
-  (xmax = 0) AS inserted;
-
--- name: touch_person
--- Same bookkeeping as upsert_person, for a person found by alias.
-UPDATE persons AS p SET
-  last_seen_at = GREATEST(p.last_seen_at, $2),
-  role = CASE
-    WHEN p.role = $3 OR $3 = 'UNKNOWN' THEN p.role
-    WHEN p.role = 'UNKNOWN' THEN $3
-    ELSE 'BOTH'
-  END,
-  updated_at = NOW()
-WHERE p.id = $1
-RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at, p.is_excluded;
-
 -- name: add_to_watchlist
 INSERT INTO watchlist_members (watchlist_id, person_id)
 SELECT w.id, $2 FROM watchlists w WHERE w.name = $1
@@ -56,3 +25,117 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
 -- name: recent_api_failures
 SELECT api, operation, url, http_status, error_kind, body_excerpt, attempt, occurred_at
 FROM api_failures ORDER BY occurred_at DESC LIMIT $1;
+
+-- name: load_cursor
+SELECT broadcaster, last_event_id, timeout_seconds FROM ingest_cursor WHERE broadcaster = $1;
+
+-- name: insert_events
+-- The raw events of one response and the read position after it ($7..$9), in one statement. The primary key
+-- is the idempotency point: a re-delivered event is not inserted and not returned. A response without a next
+-- id (nextUrl null) keeps the last committed position rather than forgetting it.
+WITH moved AS (
+  INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
+  VALUES ($7, $8, $9, NOW())
+  ON CONFLICT (broadcaster) DO UPDATE SET
+    last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
+    timeout_seconds = EXCLUDED.timeout_seconds,
+    updated_at = NOW()
+)
+INSERT INTO events (event_id, method, broadcaster, event_time, received_at, raw)
+SELECT e.event_id, e.method, e.broadcaster, e.event_time, $5, e.raw::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $6::text[])
+  AS e(event_id, method, broadcaster, event_time, raw)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id;
+
+-- name: resolve_aliases
+-- Names that are a current alias belong to the aliased person (the newest alias wins, as in find_person).
+-- Kept flat, the caller picks the newest: a DISTINCT ON form ran ten times slower once PostgreSQL settled on a
+-- generic plan made while the tables were small.
+SELECT a.alias AS name, a.person_id AS id, a.valid_from AS at
+FROM person_aliases a
+WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL;
+
+-- name: touch_persons
+-- Person bookkeeping for persons found by alias: last_seen_at only moves forward, roles widen
+-- (VIEWER + MODEL = BOTH). The same rule as upsert_persons and db.widen_role.
+UPDATE persons AS p SET
+  last_seen_at = GREATEST(p.last_seen_at, t.seen),
+  role = CASE
+    WHEN p.role = t.role OR t.role = 'UNKNOWN' THEN p.role
+    WHEN p.role = 'UNKNOWN' THEN t.role
+    ELSE 'BOTH'
+  END,
+  updated_at = CASE
+    WHEN t.seen > p.last_seen_at OR p.role IS DISTINCT FROM t.role THEN NOW()
+    ELSE p.updated_at
+  END
+FROM unnest($1::uuid[], $2::timestamp[], $3::text[]) AS t(id, seen, role)
+WHERE p.id = t.id
+RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at, p.is_excluded;
+
+-- name: upsert_persons
+-- Creates each named person, or moves last_seen_at forward and widens the role (VIEWER + MODEL = BOTH, as
+-- db.widen_role). A person created under an excluded name ($6) starts excluded and joins the Excluded
+-- watchlist ($7). $5 is the platform.
+WITH upserted AS (
+  INSERT INTO persons AS p (username, platform, role, first_seen_at, last_seen_at, is_excluded)
+  SELECT u.name, $5, u.role, u.first_seen, u.last_seen, u.name = ANY($6::text[])
+  FROM unnest($1::text[], $2::text[], $3::timestamp[], $4::timestamp[]) AS u(name, role, first_seen, last_seen)
+  ORDER BY u.name
+  ON CONFLICT (username, platform) DO UPDATE SET
+    last_seen_at = GREATEST(p.last_seen_at, EXCLUDED.last_seen_at),
+    role = CASE
+      WHEN p.role = EXCLUDED.role OR EXCLUDED.role = 'UNKNOWN' THEN p.role
+      WHEN p.role = 'UNKNOWN' THEN EXCLUDED.role
+      ELSE 'BOTH'
+    END,
+    updated_at = CASE
+      WHEN EXCLUDED.last_seen_at > p.last_seen_at OR p.role IS DISTINCT FROM EXCLUDED.role THEN NOW()
+      ELSE p.updated_at
+    END
+  RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at,
+    p.is_excluded, (xmax = 0) AS inserted
+), listed AS (
+  INSERT INTO watchlist_members (watchlist_id, person_id)
+  SELECT w.id, u.id FROM upserted u JOIN watchlists w ON w.name = $7
+  WHERE u.inserted AND u.is_excluded
+  ON CONFLICT (watchlist_id, person_id) DO NOTHING
+)
+SELECT * FROM upserted;
+
+-- name: end_sessions
+UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, updated_at = NOW()
+FROM unnest($1::uuid[], $2::timestamp[]) AS e(id, ended_at)
+WHERE s.id = e.id;
+
+-- name: insert_sessions
+INSERT INTO stream_sessions (id, platform, broadcaster, started_at, ended_at, status)
+SELECT s.id, $1, s.broadcaster, s.started_at, s.ended_at, CASE WHEN s.ended_at IS NULL THEN 'LIVE' ELSE 'ENDED' END
+FROM unnest($2::uuid[], $3::text[], $4::timestamp[], $5::timestamp[]) AS s(id, broadcaster, started_at, ended_at);
+
+-- name: insert_interactions
+-- Only rows of events new in this transaction arrive here; the guard index makes a repeat a no-op, never a
+-- second row (for instance when an events row was deleted by hand and its event is delivered again).
+INSERT INTO interactions (person_id, stream_session_id, type, content, timestamp, source, metadata)
+SELECT i.person_id, i.session_id, i.type, i.content, i.at, $1, i.metadata::jsonb
+FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamp[], $7::text[])
+  AS i(person_id, session_id, type, content, at, metadata)
+ON CONFLICT ((metadata->>'event_id')) WHERE source = 'cb_events' DO NOTHING;
+
+-- name: insert_quarantined
+INSERT INTO quarantined_events (fingerprint, event_id, method, raw, reason)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+ON CONFLICT (fingerprint) DO NOTHING;
+
+-- name: batch_context
+-- What the events writer must know before it writes a batch's rows, in one round trip: the current aliases
+-- among its names ($1, platform $2; kind 'alias', like resolve_aliases) and the LIVE sessions of its rooms
+-- ($3; kind 'live', name = broadcaster, at = started_at).
+SELECT 'alias' AS kind, a.alias AS name, a.person_id AS id, a.valid_from AS at
+FROM person_aliases a
+WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL
+UNION ALL
+SELECT 'live', s.broadcaster, s.id, s.started_at
+FROM stream_sessions s
+WHERE s.status = 'LIVE' AND s.broadcaster = ANY($3::text[]);

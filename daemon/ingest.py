@@ -1,0 +1,410 @@
+"""Events API pages → rows. Pure functions: no network, no database, no clock.
+
+`parse_page` takes one response's `events` array exactly as decoded and sorts every item into exactly one of
+two places: `Batch.events` (stored raw, keyed by the API's id) or `Batch.quarantined` (text with a reason).
+Stored events of a known method also yield one `InteractionRow`, and broadcastStart/broadcastStop a
+`SessionChange` as well. An unknown method is stored raw with no interaction, so a new method loses nothing.
+
+Choices worth knowing:
+* broadcastStart/broadcastStop also become interactions (`BROADCAST_START`/`BROADCAST_STOP`, content
+  "started broadcasting"/"stopped broadcasting") on the broadcaster's person, so a timeline shows show edges.
+* `metadata` is `{"event_id", "broadcaster", "method", "user": <user object minus username>, ...}` plus the
+  method's fields (tokens/isAnon, fromUser/toUser, media).
+  The user's flags are nested under "user" so a stray user key can never overwrite `event_id`, which the
+  database's one-interaction-per-event guard reads.
+* Names (usernames, broadcaster) are lowercased like `db.normalize_username`.
+* This is the hot path (a backlog drains through it), so it works on plain dicts; each event is JSON-encoded
+  exactly once, and that text is both the NUL/surrogate check and what the writer sends to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SOURCE = "cb_events"
+
+# Column widths of migration 010 and the seed: a longer value would abort the whole response's transaction.
+EVENT_ID_MAX = 64
+METHOD_MAX = 50
+NAME_MAX = 255
+
+# A plausible 13-digit millisecond epoch (1973..5138); anything else in an id is not a server time.
+_MS_MIN = 100_000_000_000
+_MS_MAX = 99_999_999_999_999
+_EPOCH = dt.datetime(1970, 1, 1)
+# One encoder for every event: json.dumps with options builds a new one per call, a measurable cost here.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+# Methods whose person is the user object's `username`, with the interaction type and fixed description.
+_USER_METHODS: dict[str, tuple[str, str]] = {
+    "follow": ("FOLLOW", "followed"),
+    "unfollow": ("UNFOLLOW", "unfollowed"),
+    "userEnter": ("USER_ENTER", "entered the room"),
+    "userLeave": ("USER_LEAVE", "left the room"),
+    "fanclubJoin": ("FANCLUB_JOIN", "joined the fan club"),
+}
+_BROADCAST_METHODS: dict[str, tuple[str, str, str]] = {
+    "broadcastStart": ("BROADCAST_START", "started broadcasting", "start"),
+    "broadcastStop": ("BROADCAST_STOP", "stopped broadcasting", "stop"),
+}
+KNOWN_METHODS = frozenset(
+    {
+        *_USER_METHODS,
+        *_BROADCAST_METHODS,
+        "chatMessage",
+        "privateMessage",
+        "tip",
+        "mediaPurchase",
+        "roomSubjectChange",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One delivered event with a valid envelope, as the `events` table keeps it."""
+
+    event_id: str
+    method: str
+    broadcaster: str
+    event_time: dt.datetime  # naive UTC: the id's millisecond prefix, else the receipt time
+    raw: dict[str, Any]
+    raw_json: str  # `raw` encoded once here (NUL-checked); the writer sends this text as jsonb
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionRow:
+    """The interaction one event maps to; the writer resolves `username` to a person."""
+
+    event_id: str
+    username: str
+    role: str  # VIEWER | MODEL
+    type: str
+    content: str
+    timestamp: dt.datetime  # naive UTC
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionChange:
+    event_id: str
+    kind: str  # start | stop
+    broadcaster: str
+    at: dt.datetime  # naive UTC
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """An item that cannot be stored or mapped, kept as ASCII JSON text (a NUL survives as `\\u0000`)."""
+
+    fingerprint: str  # the event id, or the sha256 hex of raw_text when the item has no usable id
+    event_id: str | None
+    method: str | None
+    raw_text: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything one API response turns into; the writer stores it in one transaction."""
+
+    events: list[StoredEvent]
+    interactions: list[InteractionRow]
+    session_changes: list[SessionChange]
+    quarantined: list[Quarantined]
+    unknown_methods: int
+    next_event_id: str | None
+    received_at: dt.datetime  # naive UTC
+
+
+class _Unmappable(Exception):
+    """Internal signal: this item goes to quarantine with the message as its reason."""
+
+
+def normalize_name(name: str) -> str:
+    """The same rule as `db.normalize_username` (kept here so this module needs no database import)."""
+    return name.strip().lower()
+
+
+def event_time(event_id: str, fallback: dt.datetime) -> dt.datetime:
+    """The server time encoded in an id such as `1755376889458-0`, else `fallback`."""
+    prefix = event_id.partition("-")[0]
+    if prefix.isascii() and prefix.isdigit():
+        milliseconds = int(prefix)
+        if _MS_MIN <= milliseconds <= _MS_MAX:
+            return _EPOCH + dt.timedelta(milliseconds=milliseconds)
+    return fallback
+
+
+def _utc_naive(moment: dt.datetime) -> dt.datetime:
+    if moment.tzinfo is None:
+        return moment
+    return moment.astimezone(dt.UTC).replace(tzinfo=None)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+def _encode(raw: dict[str, Any]) -> str:
+    """`raw` as JSON text PostgreSQL's jsonb accepts, or `_Unmappable`."""
+    try:
+        text = _ENCODER.encode(raw)
+    except ValueError as error:  # NaN/Infinity, or an integer too long to print
+        raise _Unmappable(f"contains a number that cannot be stored as JSON ({error})") from error
+    except RecursionError as error:
+        raise _Unmappable("nested too deeply to store") from error
+    # Every NUL prints as \u0000, so its absence from the text proves there is none; its presence may be a
+    # literal backslash sequence, hence the exact walk.
+    if "\\u0000" in text and _has_nul(raw):
+        raise _Unmappable("contains a NUL character, which PostgreSQL text and jsonb cannot store")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise _Unmappable("contains an unpaired surrogate, which PostgreSQL cannot store") from error
+    return text
+
+
+def _quarantine(item: Any, reason: str) -> Quarantined:
+    try:
+        raw_text = json.dumps(item, ensure_ascii=True)
+    except (ValueError, RecursionError):  # only reachable for input no JSON decoder produces
+        raw_text = json.dumps(repr(item), ensure_ascii=True)
+    event_id: str | None = None
+    method: str | None = None
+    if isinstance(item, dict):
+        candidate = item.get("id")
+        if _storable(candidate, EVENT_ID_MAX):
+            event_id = candidate
+        candidate = item.get("method")
+        if _storable(candidate, METHOD_MAX):
+            method = candidate
+    fingerprint = event_id or hashlib.sha256(raw_text.encode("ascii")).hexdigest()
+    return Quarantined(fingerprint, event_id, method, raw_text, reason)
+
+
+def _storable(value: Any, limit: int) -> bool:
+    """A non-empty string a VARCHAR(limit) column can hold."""
+    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise _Unmappable(f"{what} without a username")
+    name = normalize_name(value)
+    if not name:
+        raise _Unmappable(f"{what} without a username")
+    if len(name) > NAME_MAX:
+        raise _Unmappable(f"{what} username longer than {NAME_MAX} characters")
+    return name
+
+
+def _user(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The user's lowercased username and flags (the user object minus username)."""
+    user = payload.get("user")
+    if not isinstance(user, dict):
+        raise _Unmappable("user without a username")
+    name = _name(user.get("username"), "user")
+    return name, {key: value for key, value in user.items() if key != "username"}
+
+
+def _flags(payload: dict[str, Any]) -> dict[str, Any]:
+    user = payload.get("user")
+    if not isinstance(user, dict):
+        return {}
+    return {key: value for key, value in user.items() if key != "username"}
+
+
+def _tip(payload: dict[str, Any], metadata: dict[str, Any]) -> tuple[str, str]:
+    name, metadata["user"] = _user(payload)
+    tip = payload.get("tip")
+    if not isinstance(tip, dict):
+        tip = {}
+    tokens = tip.get("tokens")
+    if isinstance(tokens, float) and tokens.is_integer():
+        tokens = int(tokens)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise _Unmappable("tip without a positive integer number of tokens")
+    is_anon = tip.get("isAnon")
+    metadata["tokens"] = tokens
+    metadata["isAnon"] = is_anon if isinstance(is_anon, bool) else False
+    note = tip.get("message")
+    if isinstance(note, str):
+        # The API prefixes a note with "| "; an empty note stays "".
+        note = note[2:] if note.startswith("| ") else note[3:] if note.startswith(" | ") else note
+    else:
+        note = ""
+    return name, note if note.strip() else f"tipped {tokens} tokens"
+
+
+def _text(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    message = payload.get("message")
+    if not isinstance(message, dict):
+        message = {}
+    text = message.get("message")
+    if not isinstance(text, str) or not text.strip():
+        raise _Unmappable("message without text")
+    return message, text
+
+
+def _private(payload: dict[str, Any], metadata: dict[str, Any], room: str) -> tuple[str, str, str]:
+    """(counterpart, type, text): the party who is not the broadcaster, whichever way the message went."""
+    message, text = _text(payload)
+    metadata["user"] = _flags(payload)
+    sender, recipient = message.get("fromUser"), message.get("toUser")
+    metadata["fromUser"] = sender if isinstance(sender, str) else None
+    metadata["toUser"] = recipient if isinstance(recipient, str) else None
+    party: Any = None
+    for candidate in (sender, recipient):
+        if isinstance(candidate, str) and normalize_name(candidate) not in ("", room):
+            party = candidate
+            break
+    if party is None:
+        user = payload.get("user")
+        party = user.get("username") if isinstance(user, dict) else None
+    name = _name(party, "private message")
+    empty_room = not isinstance(payload.get("broadcaster"), str) or not payload["broadcaster"].strip()
+    return name, "DIRECT_MESSAGE" if empty_room else "PRIVATE_MESSAGE", text
+
+
+def _media(payload: dict[str, Any], metadata: dict[str, Any]) -> tuple[str, str]:
+    name, metadata["user"] = _user(payload)
+    media = payload.get("media")
+    media = media if isinstance(media, dict) else None
+    metadata["media"] = media
+    if media is None:
+        return name, "purchased media"
+    kind = media.get("type") if isinstance(media.get("type"), str) else "media"
+    title = media.get("name")
+    tokens = media.get("tokens")
+    text = f"purchased {kind}" + (f" '{title}'" if isinstance(title, str) and title else "")
+    if isinstance(tokens, int | float) and not isinstance(tokens, bool):
+        text += f" for {tokens} tokens"
+    return name, text
+
+
+def _map(
+    method: str, payload: dict[str, Any], metadata: dict[str, Any], broadcaster: str
+) -> tuple[str, str, str]:
+    """(username, type, content) of a known method's event; `metadata` gains the method's fields."""
+    simple = _USER_METHODS.get(method)
+    if simple is not None:
+        name, metadata["user"] = _user(payload)
+        return name, simple[0], simple[1]
+    if method == "chatMessage":
+        name, metadata["user"] = _user(payload)
+        return name, "CHAT_MESSAGE", _text(payload)[1]
+    if method == "tip":
+        name, content = _tip(payload, metadata)
+        return name, "TIP_EVENT", content
+    if method == "privateMessage":
+        return _private(payload, metadata, broadcaster)
+    if method == "mediaPurchase":
+        name, content = _media(payload, metadata)
+        return name, "MEDIA_PURCHASE", content
+    metadata["user"] = _flags(payload)
+    if not broadcaster:  # neither the event nor the configuration names the room's owner
+        raise _Unmappable(f"{method} without a broadcaster")
+    if method == "roomSubjectChange":
+        subject = payload.get("subject")
+        if not isinstance(subject, str):
+            raise _Unmappable("subject change without a subject")
+        return broadcaster, "ROOM_SUBJECT_CHANGE", subject if subject.strip() else "cleared the room subject"
+    kind, content, _change = _BROADCAST_METHODS[method]
+    return broadcaster, kind, content
+
+
+def _envelope(item: Any) -> tuple[str, str, dict[str, Any]]:
+    if not isinstance(item, dict):
+        raise _Unmappable("not a JSON object")
+    event_id, method, payload = item.get("id"), item.get("method"), item.get("object")
+    if not isinstance(event_id, str) or not event_id:
+        raise _Unmappable("envelope without a string id")
+    if not isinstance(method, str) or not method:
+        raise _Unmappable("envelope without a string method")
+    if not isinstance(payload, dict):
+        raise _Unmappable("envelope without an object")
+    return event_id, method, payload
+
+
+def _room(payload: dict[str, Any], configured: str) -> str:
+    value = payload.get("broadcaster")
+    name = (normalize_name(value) if isinstance(value, str) else "") or configured
+    if len(name) > NAME_MAX:
+        raise _Unmappable(f"broadcaster longer than {NAME_MAX} characters")
+    return name
+
+
+@dataclass
+class _Collector:
+    events: list[StoredEvent]
+    interactions: list[InteractionRow]
+    session_changes: list[SessionChange]
+    quarantined: list[Quarantined]
+    unknown: int = 0
+
+
+def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> None:
+    event_id, method, payload = _envelope(item)
+    raw_json = _encode(item)
+    if len(event_id) > EVENT_ID_MAX:
+        raise _Unmappable(f"id longer than {EVENT_ID_MAX} characters")
+    if len(method) > METHOD_MAX:
+        raise _Unmappable(f"method longer than {METHOD_MAX} characters")
+    broadcaster = _room(payload, configured)
+    at = event_time(event_id, received)
+    if method not in KNOWN_METHODS:
+        out.events.append(StoredEvent(event_id, method, broadcaster, at, item, raw_json))
+        out.unknown += 1
+        return
+    metadata: dict[str, Any] = {"event_id": event_id, "broadcaster": broadcaster, "method": method}
+    username, kind, content = _map(method, payload, metadata, broadcaster)
+    role = "MODEL" if username == broadcaster else "VIEWER"
+    out.events.append(StoredEvent(event_id, method, broadcaster, at, item, raw_json))
+    out.interactions.append(InteractionRow(event_id, username, role, kind, content, at, metadata))
+    change = _BROADCAST_METHODS.get(method)
+    if change is not None:
+        out.session_changes.append(SessionChange(event_id, change[2], broadcaster, at))
+
+
+def parse_page(
+    events: list[Any], *, broadcaster: str, received_at: dt.datetime, next_event_id: str | None
+) -> Batch:
+    """Sort one response's items into stored events (with their rows) and quarantined items; never raises
+    for any content of `events`. `broadcaster` is the configured room, used when an event names none."""
+    configured = normalize_name(broadcaster)
+    received = _utc_naive(received_at)
+    out = _Collector([], [], [], [])
+    for item in events:
+        try:
+            _one(item, configured, received, out)
+        except _Unmappable as error:
+            out.quarantined.append(_quarantine(item, str(error)))
+    return Batch(
+        events=out.events,
+        interactions=out.interactions,
+        session_changes=out.session_changes,
+        quarantined=out.quarantined,
+        unknown_methods=out.unknown,
+        next_event_id=next_event_id,
+        received_at=received,
+    )
