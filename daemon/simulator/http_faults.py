@@ -18,14 +18,24 @@ from typing import Any
 
 from aiohttp import web
 
-KINDS = ("http_5xx", "rate_limited", "hang", "drop", "truncated", "unauthorized", "forbidden", "not_found")
+KINDS = (
+    "http_5xx",
+    "http_4xx",
+    "rate_limited",
+    "hang",
+    "drop",
+    "truncated",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+)
 HANG_SECONDS = 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
     kind: str
-    status: int | None = None  # for http_5xx (default 503)
+    status: int | None = None  # for http_5xx (default 503) and http_4xx (default 422)
     retry_after: float | None = None  # for rate_limited
     path_contains: str | None = None  # only requests whose path contains this
 
@@ -137,9 +147,11 @@ async def apply(
         return json_response(429, {"message": "Too Many Attempts."}, headers)
     status = {
         "http_5xx": fault.status or 503,
+        "http_4xx": fault.status or 422,
         "unauthorized": 401,
         "forbidden": 403,
         "not_found": 404,
     }[fault.kind]
     body = {401: {"message": "Unauthenticated."}, 403: {"message": "Forbidden"}, 404: {"error": "Not found"}}
-    return json_response(status, body.get(status, {"error": "Server Error"}))
+    default = {"error": "Server Error"} if status >= 500 else {"error": "The given data was invalid."}
+    return json_response(status, body.get(status, default))
