@@ -524,6 +524,13 @@ async def run_scheduler(
     default waits on `stop` with a timeout, so the task stops promptly. Tests inject both.
     """
     wait: Sleep = sleep or (lambda seconds: api_http.stop_aware_sleep(stop, seconds))
+
+    async def record(failure: db.ApiFailure) -> None:
+        # Failure rows carry the scheduler's clock, the same one its plan reads them back with.
+        await on_failure(
+            failure if failure.occurred_at else dataclasses.replace(failure, occurred_at=clock())
+        )
+
     statbate_on, stats_on = announce_sources(settings)
     options: dict[str, Any] = {"sleep": wait, "timeout": request_timeout}
     scheduler = _Scheduler(
@@ -531,13 +538,11 @@ async def run_scheduler(
         settings=settings,
         state=state,
         stop=stop,
-        on_failure=on_failure,
-        statbate=statbate_api.StatbateClient.from_settings(session, settings, on_failure, **options)
+        on_failure=record,
+        statbate=statbate_api.StatbateClient.from_settings(session, settings, record, **options)
         if statbate_on
         else None,
-        stats=stats_api.StatsClient.from_settings(session, settings, on_failure, **options)
-        if stats_on
-        else None,
+        stats=stats_api.StatsClient.from_settings(session, settings, record, **options) if stats_on else None,
         clock=clock,
         sleep=wait,
         jitter=jitter,

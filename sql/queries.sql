@@ -71,7 +71,8 @@ SELECT max(occurred_at) FROM api_failures WHERE api = $1 AND error_kind = ANY($2
 
 -- name: due_member_lookups
 -- Persons seen in events or on a watchlist whose newest member snapshot is older than $3 (or absent), skipping
--- excluded persons, the broadcaster ($2) and names the API did not know since $4. Tippers first, then people
+-- excluded persons, the broadcaster ($2), names the API did not know since $4 and names now resolving to
+-- another person. Tippers first, then people
 -- who messaged, then watchlist members, then the rest; never-snapshotted before stale within a rank.
 WITH reasons AS (
   SELECT i.person_id,
@@ -101,6 +102,12 @@ LEFT JOIN snapshot_misses miss ON miss.person_id = p.id AND miss.source = 'statb
 WHERE p.platform = $1 AND NOT COALESCE(p.is_excluded, false) AND p.username <> $2
   AND (newest.captured_at IS NULL OR newest.captured_at <= $3)
   AND (miss.missed_at IS NULL OR miss.missed_at <= $4)
+  -- A name that is now another person's current alias (a rename linked by did) is that person's to refresh.
+  AND NOT EXISTS (
+    SELECT 1 FROM person_aliases taken
+    WHERE taken.alias = p.username AND taken.platform = p.platform AND taken.valid_to IS NULL
+      AND taken.person_id <> p.id
+  )
 ORDER BY priority, newest.captured_at NULLS FIRST, p.last_seen_at DESC, p.id
 LIMIT $5;
 

@@ -15,7 +15,9 @@ from daemon import db
 from tests.seed_examples import json_blocks_under
 
 
-async def _store(pool: asyncpg.Pool, username: str, metrics: list[dict[str, Any]], at: list[dt.datetime]) -> None:
+async def _store(
+    pool: asyncpg.Pool, username: str, metrics: list[dict[str, Any]], at: list[dt.datetime]
+) -> None:
     person = await db.find_or_create_person(pool, username, seen_at=at[0])
     for captured_at, normalized in zip(at, metrics, strict=True):
         assert await db.record_snapshot(

@@ -111,7 +111,7 @@ def test_model_normalization() -> None:
 
 
 def test_batch_items_match_by_name_then_position() -> None:
-    data = [
+    data: list[dict[str, Any]] = [
         {"name": "alice", "did": 1, "error": None},
         {"name": "carol_new", "did": 3, "error": None},  # asked as "carol": renamed
         {"name": "dave", "did": None, "error": "Member not found"},

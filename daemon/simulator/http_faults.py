@@ -136,9 +136,15 @@ async def apply(
             await asyncio.wait_for(closing.wait(), HANG_SECONDS)
         return json_response(504, {"error": "hung"})
     if fault.kind == "drop":
+        # Headers promise a body that never comes: the client sees the connection die mid-answer (a drop
+        # before any byte would be re-sent silently by aiohttp's client for idempotent requests).
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response.content_length = 4096
+        await response.prepare(request)
+        await response.write(b'{"data": ')
         if request.transport is not None:
             request.transport.close()
-        return web.Response(status=500)
+        return response
     if fault.kind == "truncated":
         text = json.dumps(truncate)
         return web.Response(status=200, text=text[: max(1, len(text) // 2)], content_type="application/json")
