@@ -478,3 +478,19 @@ async def watchlist_counts(pool: asyncpg.Pool, *, include_excluded: bool) -> dic
     with translate_errors():
         rows = await pool.fetch(sql_files.query("watchlist_counts"), include_excluded)
     return {row["name"]: row["members"] for row in rows}
+
+
+@dataclass(frozen=True)
+class SnapshotCount:
+    source: str
+    snapshots: int
+    newest: dt.datetime
+
+
+async def snapshot_counts(pool: asyncpg.Pool) -> list[SnapshotCount]:
+    """Snapshots stored per source, with the newest capture time (for the demo and status output)."""
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("snapshot_counts"))
+    return [
+        SnapshotCount(source=row["source"], snapshots=row["snapshots"], newest=row["newest"]) for row in rows
+    ]

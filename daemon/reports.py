@@ -148,3 +148,12 @@ def render_stats(stats: RoomStats) -> str:
     if not stats.include_excluded:
         parts.append("\nExcluded persons are left out (--include-excluded to count them).")
     return "\n".join(parts)
+
+
+def render_snapshot_counts(counts: list[db.SnapshotCount]) -> str:
+    """One line per snapshot source: how many rows, and the newest capture."""
+    if not counts:
+        return "no snapshots yet"
+    rows = [("SOURCE", "SNAPSHOTS", "NEWEST")]
+    rows += [(count.source, str(count.snapshots), _time(count.newest)) for count in counts]
+    return _table(rows)

@@ -192,3 +192,6 @@ LEFT JOIN watchlist_members m ON m.watchlist_id = w.id
 LEFT JOIN persons p ON p.id = m.person_id AND (NOT COALESCE(p.is_excluded, false) OR $1)
 GROUP BY w.name
 ORDER BY w.name;
+
+-- name: snapshot_counts
+SELECT source, count(*) AS snapshots, max(captured_at) AS newest FROM snapshots GROUP BY source ORDER BY source;

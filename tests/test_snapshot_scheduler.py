@@ -19,7 +19,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from daemon import config, db, logs, metrics, runtime_state, snapshots
+from daemon import config, db, logs, metrics, reports, runtime_state, snapshots
 from daemon.simulator import statbate as statbate_sim
 from daemon.simulator import stats as stats_sim
 
@@ -414,3 +414,20 @@ async def test_default_waits_stop_promptly(world: World) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(task, timeout=5)
     assert task.done(), "the scheduler did not stop during its 5-minute wait"
+
+
+async def test_demo_pieces_auto_members_and_counts(world: World) -> None:
+    """What the demo uses: a simulator that knows every viewer, and a per-source summary."""
+    pool, sim = world.pool, world.statbate
+    sim.auto_members = True
+    sim.unknown.add("nobody")
+    for name in ("viewer_a", "viewer_b", "nobody"):
+        await seen(pool, name, "CHAT_MESSAGE")
+
+    await world.run(T0, T0 + dt.timedelta(minutes=6))
+
+    counts = {count.source: count.snapshots for count in await db.snapshot_counts(pool)}
+    assert counts == {"cb_stats": 2, "statbate_member": 2, "statbate_model": 1}
+    text = reports.render_snapshot_counts(await db.snapshot_counts(pool))
+    assert text.splitlines()[0].split() == ["SOURCE", "SNAPSHOTS", "NEWEST"] and "statbate_member  2" in text
+    assert reports.render_snapshot_counts([]) == "no snapshots yet"

@@ -72,12 +72,17 @@ class StatbateSimulator:
         *,
         token: str = "sim-statbate-token",  # noqa: S107  # the fake server's own test token
         seed: int = 0,
+        auto_members: bool = False,
         clock: Callable[[], float] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
         self.token = token
         self.rng = random.Random(seed)
+        # The demo's viewers are invented by the traffic generator: with auto_members every asked name exists
+        # (seeded figures) unless it is listed in `unknown`.
+        self.auto_members = auto_members
+        self.unknown: set[str] = set()
         self.members: dict[str, dict[str, Any]] = {}  # current name → item
         self.old_names: dict[str, str] = {}  # old name → current name
         self.models: dict[str, dict[str, Any]] = {}
@@ -125,11 +130,17 @@ class StatbateSimulator:
 
     def member(self, name: str) -> dict[str, Any] | None:
         name = name.lower()
-        return self.members.get(self.old_names.get(name, name))
+        found = self.members.get(self.old_names.get(name, name))
+        if found is None and self.auto_members and name not in self.unknown:
+            found = self.add_member(name)
+        return found
 
     def model(self, name: str) -> dict[str, Any] | None:
         name = name.lower()
-        return self.models.get(self.old_names.get(name, name))
+        found = self.models.get(self.old_names.get(name, name))
+        if found is None and self.auto_members and name not in self.unknown:
+            found = self.add_model(name)
+        return found
 
     # --- HTTP ---
 
