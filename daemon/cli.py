@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from daemon import __version__, config, database_server, db, errors, logs, migrations
+from daemon import __version__, config, database_server, db, errors, logs, migrations, reports
 
 Handler = Callable[[config.Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("action", nargs="?", choices=["up", "status"], default="up")
     migrate.add_argument("--to", type=int, metavar="N", help="move up or down to version N (0 removes all)")
     migrate.set_defaults(handler=_migrate)
+    _add_report_commands(commands)
     return parser
 
 
@@ -67,3 +70,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+async def _deltas(settings: config.Settings, args: argparse.Namespace) -> int:
+    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+        deltas = await reports.deltas_for(pool, args.username, args.source)
+    print(json.dumps(reports.deltas_json(deltas), indent=2) if args.json else reports.render_deltas(deltas))
+    return 0
+
+
+async def _stats(settings: config.Settings, args: argparse.Namespace) -> int:
+    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+        stats = await reports.room_stats(
+            pool,
+            session_id=args.session,
+            live=args.session is None,
+            include_excluded=args.include_excluded,
+            limit=args.limit,
+        )
+    print(json.dumps(reports.stats_json(stats), indent=2) if args.json else reports.render_stats(stats))
+    return 0
+
+
+def _add_report_commands(commands: Any) -> None:
+    deltas = commands.add_parser("deltas", help="print the deltas between a person's consecutive snapshots")
+    deltas.add_argument("username", help="a username or current alias")
+    deltas.add_argument(
+        "--source", choices=[*db.SNAPSHOT_SOURCES, "manual"], help="only this snapshot source"
+    )
+    deltas.add_argument("--json", action="store_true", help="JSON instead of a table")
+    deltas.set_defaults(handler=_deltas)
+
+    stats = commands.add_parser(
+        "stats", help="top tippers and chatters, watchlist counts (exclusions applied)"
+    )
+    which = stats.add_mutually_exclusive_group()
+    which.add_argument("--session", type=uuid.UUID, metavar="ID", help="this stream session")
+    which.add_argument("--live", action="store_true", help="the live session (the default)")
+    stats.add_argument("--include-excluded", action="store_true", help="count excluded persons too")
+    stats.add_argument("--limit", type=int, default=10, metavar="N", help="rows per ranking (default 10)")
+    stats.add_argument("--json", action="store_true", help="JSON instead of tables")
+    stats.set_defaults(handler=_stats)

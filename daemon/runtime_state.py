@@ -25,6 +25,7 @@ class RuntimeState:
     # Progress counters the watchdog reads: they must keep moving while the loops are healthy.
     poll_progress: int = 0
     write_progress: int = 0
+    snapshots_taken: int = 0
 
     def poll_succeeded(self) -> None:
         self.last_successful_poll = time.time()

@@ -1,5 +1,6 @@
 """Local stand-ins for the external APIs, used by the tests, the demo and the benchmarks.
 
-`traffic` makes seeded, realistic Events API envelopes; `events` serves them over HTTP exactly like the
-Events API, with fault injection on request. Nothing here ever talks to the real services.
+Real aiohttp servers on 127.0.0.1 with fault injection: `events` serves the Events API (with seeded traffic
+from `traffic`), `statbate` the Statbate Plus API and `stats` the Chaturbate Stats API. Nothing here ever
+talks to the real services.
 """

@@ -1,0 +1,159 @@
+"""Read-side reports for the command line: snapshot deltas and exclusion-aware room stats.
+
+Gathering goes through `db`; rendering is pure (`render_*` take plain values and return text), so the
+command-line handlers stay one call each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from daemon import db, errors
+
+
+@dataclasses.dataclass(frozen=True)
+class RoomStats:
+    session_id: uuid.UUID | None
+    session_is_live: bool
+    include_excluded: bool
+    session_tippers: list[db.Ranked]
+    session_chatters: list[db.Ranked]
+    all_time_tippers: list[db.Ranked]
+    all_time_chatters: list[db.Ranked]
+    watchlists: dict[str, int]
+
+
+async def deltas_for(pool: asyncpg.Pool, username: str, source: str | None) -> list[db.SnapshotDelta]:
+    person = await db.find_person(pool, username)
+    if person is None:
+        raise errors.DaemonError(f"no person named {db.normalize_username(username)!r}")
+    return await db.snapshot_deltas(pool, person.id, source)
+
+
+def _time(moment: dt.datetime) -> str:
+    return moment.isoformat(sep=" ", timespec="seconds")
+
+
+def deltas_json(deltas: list[db.SnapshotDelta]) -> list[dict[str, Any]]:
+    return [
+        {
+            "source": delta.source,
+            "from": delta.previous_captured_at.isoformat(),
+            "to": delta.captured_at.isoformat(),
+            "delta": delta.delta,
+        }
+        for delta in deltas
+    ]
+
+
+def render_deltas(deltas: list[db.SnapshotDelta]) -> str:
+    """One line per metric of each consecutive pair; a metric missing from either snapshot shows `null`."""
+    if not deltas:
+        return "no consecutive snapshots to compare"
+    rows = [("SOURCE", "FROM", "TO", "METRIC", "DELTA")]
+    for delta in deltas:
+        for metric in sorted(delta.delta):
+            value = json.dumps(delta.delta[metric])
+            rows.append(
+                (delta.source, _time(delta.previous_captured_at), _time(delta.captured_at), metric, value)
+            )
+    return _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+async def room_stats(
+    pool: asyncpg.Pool, *, session_id: uuid.UUID | None, live: bool, include_excluded: bool, limit: int
+) -> RoomStats:
+    """Top tippers and chatters for one session (the given one, else the live one) and all time, plus
+    watchlist member counts; excluded persons are left out unless `include_excluded`."""
+    chosen = session_id
+    if chosen is None and live:
+        chosen = await db.live_session_id(pool)
+    excluded, n = include_excluded, limit
+    return RoomStats(
+        session_id=chosen,
+        session_is_live=session_id is None and chosen is not None,
+        include_excluded=include_excluded,
+        session_tippers=await db.top_tippers(pool, session_id=chosen, include_excluded=excluded, limit=n)
+        if chosen
+        else [],
+        session_chatters=await db.top_chatters(pool, session_id=chosen, include_excluded=excluded, limit=n)
+        if chosen
+        else [],
+        all_time_tippers=await db.top_tippers(pool, session_id=None, include_excluded=excluded, limit=n),
+        all_time_chatters=await db.top_chatters(pool, session_id=None, include_excluded=excluded, limit=n),
+        watchlists=await db.watchlist_counts(pool, include_excluded=include_excluded),
+    )
+
+
+def _tippers(ranked: list[db.Ranked]) -> list[dict[str, Any]]:
+    return [{"username": item.username, "tokens": _number(item.total), "tips": item.count} for item in ranked]
+
+
+def _chatters(ranked: list[db.Ranked]) -> list[dict[str, Any]]:
+    return [{"username": item.username, "messages": item.count} for item in ranked]
+
+
+def _number(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
+
+
+def stats_json(stats: RoomStats) -> dict[str, Any]:
+    return {
+        "session": {"id": str(stats.session_id), "live": stats.session_is_live} if stats.session_id else None,
+        "include_excluded": stats.include_excluded,
+        "session_top_tippers": _tippers(stats.session_tippers),
+        "session_top_chatters": _chatters(stats.session_chatters),
+        "all_time_top_tippers": _tippers(stats.all_time_tippers),
+        "all_time_top_chatters": _chatters(stats.all_time_chatters),
+        "watchlists": stats.watchlists,
+    }
+
+
+def render_stats(stats: RoomStats) -> str:
+    parts = []
+    if stats.session_id is None:
+        parts.append("Session: none live (use --session ID)")
+    else:
+        parts.append(f"Session: {stats.session_id}{' (live)' if stats.session_is_live else ''}")
+    sections = (
+        ("Top tippers, session", _tippers(stats.session_tippers), "tokens"),
+        ("Top chatters, session", _chatters(stats.session_chatters), "messages"),
+        ("Top tippers, all time", _tippers(stats.all_time_tippers), "tokens"),
+        ("Top chatters, all time", _chatters(stats.all_time_chatters), "messages"),
+    )
+    for title, items, figure in sections:
+        parts.append(f"\n{title}:")
+        if not items:
+            parts.append("  (none)")
+            continue
+        rows = [("USERNAME", figure.upper())] + [(item["username"], str(item[figure])) for item in items]
+        parts.append("\n".join("  " + line for line in _table(rows).splitlines()))
+    parts.append("\nWatchlists:")
+    rows = [("WATCHLIST", "MEMBERS")] + [(name, str(count)) for name, count in stats.watchlists.items()]
+    parts.append("\n".join("  " + line for line in _table(rows).splitlines()))
+    if not stats.include_excluded:
+        parts.append("\nExcluded persons are left out (--include-excluded to count them).")
+    return "\n".join(parts)
+
+
+def render_snapshot_counts(counts: list[db.SnapshotCount]) -> str:
+    """One line per snapshot source: how many rows, and the newest capture."""
+    if not counts:
+        return "no snapshots yet"
+    rows = [("SOURCE", "SNAPSHOTS", "NEWEST")]
+    rows += [(count.source, str(count.snapshots), _time(count.newest)) for count in counts]
+    return _table(rows)
