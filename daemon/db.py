@@ -12,10 +12,11 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import asyncpg
 
-from daemon import errors, logs, sql_files
+from daemon import errors, logs, migrations, sql_files
 
 PLATFORM = "chaturbate"
 # The seed's exclusion rule: these people are excluded from every aggregate from the moment they are created.
@@ -229,3 +230,13 @@ async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[ApiFa
         )
         for row in rows
     ]
+
+
+async def schema_is_current(pool: asyncpg.Pool) -> bool:
+    """True when every known migration is applied and unchanged. Raises `StorageError` when the database
+    cannot answer, so a caller can tell "behind" from "unknown".
+    """
+    with translate_errors():
+        async with pool.acquire() as connection:
+            # A pooled connection runs the same queries; migrations.py types its argument as a plain one.
+            return await migrations.is_current(cast(asyncpg.Connection, connection))
