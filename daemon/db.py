@@ -58,7 +58,14 @@ def translate_errors() -> Iterator[None]:
     """asyncpg and socket errors become `StorageError` / `DatabaseUnavailable`."""
     try:
         yield
-    except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError, TimeoutError) as error:
+    # InternalClientError: asyncpg's protocol state after the server killed the session mid-query.
+    except (
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.CannotConnectNowError,
+        TimeoutError,
+    ) as error:
         raise errors.DatabaseUnavailable(f"database unavailable: {type(error).__name__}: {error}") from error
     except asyncpg.PostgresError as error:
         raise errors.StorageError(f"database error: {type(error).__name__}: {error}") from error
