@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from daemon import __version__, config, database_server, db, errors, logs, migrations, reports
+from daemon import __version__, config, database_server, db, errors, health, logs, migrations, reports
 
 Handler = Callable[[config.Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -28,6 +28,12 @@ async def _migrate(settings: config.Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _health(settings: config.Settings, args: argparse.Namespace) -> int:
+    ready, line = await health.probe(settings.health_host, settings.health_port, give_up_after=args.timeout)
+    print(line)
+    return 0 if ready else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mhc-daemon",
@@ -43,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", type=int, metavar="N", help="move up or down to version N (0 removes all)")
     migrate.set_defaults(handler=_migrate)
     _add_report_commands(commands)
+
+    probe = commands.add_parser(
+        "health", help="ask the running daemon's /readyz: exit 0 when ready, 1 otherwise (a HEALTHCHECK)"
+    )
+    probe.add_argument("--timeout", type=float, default=5.0, metavar="S", help="give up after S seconds")
+    probe.set_defaults(handler=_health)
     return parser
 
 

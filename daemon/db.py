@@ -14,11 +14,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
-from daemon import errors, ingest, logs, metrics, sql_files
+from daemon import errors, ingest, logs, metrics, migrations, sql_files
 
 PLATFORM = "chaturbate"
 # The seed's exclusion rule: these people are excluded from every aggregate from the moment they are created.
@@ -60,7 +60,14 @@ def translate_errors() -> Iterator[None]:
     """asyncpg and socket errors become `StorageError` / `DatabaseUnavailable`."""
     try:
         yield
-    except (OSError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError, TimeoutError) as error:
+    # InternalClientError: asyncpg's protocol state after the server killed the session mid-query.
+    except (
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.CannotConnectNowError,
+        TimeoutError,
+    ) as error:
         raise errors.DatabaseUnavailable(f"database unavailable: {type(error).__name__}: {error}") from error
     except asyncpg.PostgresError as error:
         raise errors.StorageError(f"database error: {type(error).__name__}: {error}") from error
@@ -559,6 +566,8 @@ def _count(result: WriteResult) -> None:
     metrics.ROWS.labels(table="stream_sessions").inc(result.sessions_opened)
     if result.newest_event_time is not None:
         metrics.INGEST_LAG.set((utc_now() - result.newest_event_time).total_seconds())
+
+
 # --- Snapshots (issue 4) ------------------------------------------------------------------------------------
 
 SNAPSHOT_SOURCES = ("statbate_member", "statbate_model", "cb_stats")
@@ -822,3 +831,13 @@ async def snapshot_counts(pool: asyncpg.Pool) -> list[SnapshotCount]:
     return [
         SnapshotCount(source=row["source"], snapshots=row["snapshots"], newest=row["newest"]) for row in rows
     ]
+
+
+async def schema_is_current(pool: asyncpg.Pool) -> bool:
+    """True when every known migration is applied and unchanged. Raises `StorageError` when the database
+    cannot answer, so a caller can tell "behind" from "unknown".
+    """
+    with translate_errors():
+        async with pool.acquire() as connection:
+            # A pooled connection runs the same queries; migrations.py types its argument as a plain one.
+            return await migrations.is_current(cast(asyncpg.Connection, connection))

