@@ -8,9 +8,26 @@ import json
 import sys
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
-from daemon import __version__, config, database_server, db, errors, health, logs, migrations, reports
+from daemon import (
+    __version__,
+    config,
+    database_server,
+    db,
+    demo,
+    errors,
+    health,
+    ingest,
+    logs,
+    migrations,
+    reports,
+    supervisor,
+)
+
+log = logs.get_logger(__name__)
+EX_SOFTWARE = 70  # sysexits.h: an internal error; the service manager restarts the daemon
 
 Handler = Callable[[config.Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -26,6 +43,84 @@ async def _migrate(settings: config.Settings, args: argparse.Namespace) -> int:
         for line in done or ["schema is up to date"]:
             print(line)
     return 0
+
+
+async def _run(settings: config.Settings, args: argparse.Namespace) -> int:
+    missing = [
+        name
+        for name, value in (
+            ("MHC_CB_USERNAME", settings.cb_username),
+            ("MHC_CB_EVENTS_TOKEN", settings.cb_events_token),
+        )
+        if not value
+    ]
+    if missing:
+        raise errors.ConfigError(
+            f"invalid configuration: {' and '.join(missing)} must be set to run the daemon "
+            "(make an Events API token at https://chaturbate.com/statsapi/authtoken/)"
+        )
+    if args.no_migrate:
+        settings = settings.model_copy(update={"migrate_on_start": False})
+    return await supervisor.Supervisor(settings).run()
+
+
+async def _demo(settings: config.Settings, args: argparse.Namespace) -> int:
+    logs.configure("warning", "console", stream=sys.stderr)
+    return await demo.run(duration=args.duration, rate=args.rate, keep=args.keep)
+
+
+async def _replay(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Ingest recorded response bodies (one JSON document per line) through the writer; the cursor stays."""
+    path: Path = args.file
+    try:
+        lines = await asyncio.to_thread(lambda: path.read_text(encoding="utf-8").splitlines())
+    except OSError as error:
+        raise errors.DaemonError(f"cannot read {path}: {error.strerror}") from error
+    stored = duplicates = quarantined = unreadable = 0
+    async with database_server.open_url(settings) as url:
+        async with db.single_connection(url) as connection:
+            await migrations.migrate(connection)
+        async with db.open_pool(url) as pool:
+            for number, line in enumerate(lines, start=1):
+                events = _response_events(line)
+                if events is None:
+                    unreadable += 1
+                    log.error("replay_line_unreadable", file=str(path), line=number)
+                    continue
+                batch = ingest.parse_page(
+                    events, broadcaster=settings.cb_username, received_at=db.utc_now(), next_event_id=None
+                )
+                result = await db.write_batch(
+                    pool, batch, cursor_broadcaster=None, timeout_seconds=settings.cb_events_timeout
+                )
+                stored += result.new_events
+                duplicates += result.duplicates
+                quarantined += result.quarantined
+                _progress(number, len(lines))
+    print(
+        f"replayed {len(lines)} responses: {stored} events stored, {duplicates} already stored, "
+        f"{quarantined} quarantined, {unreadable} unreadable lines"
+    )
+    return 1 if unreadable else 0
+
+
+def _response_events(line: str) -> list[Any] | None:
+    """The `events` array of one recorded response body, or None when the line is not one."""
+    try:
+        body = json.loads(line)
+    except ValueError:
+        return None
+    events = body.get("events") if isinstance(body, dict) else None
+    return events if isinstance(events, list) else None
+
+
+def _progress(done: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done == total else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
 async def _health(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -48,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("action", nargs="?", choices=["up", "status"], default="up")
     migrate.add_argument("--to", type=int, metavar="N", help="move up or down to version N (0 removes all)")
     migrate.set_defaults(handler=_migrate)
+
+    run = commands.add_parser("run", help="the daemon: migrate, then poll and store until SIGTERM/SIGINT")
+    run.add_argument("--no-migrate", action="store_true", help="do not apply pending migrations at start")
+    run.set_defaults(handler=_run)
+
+    show = commands.add_parser("demo", help="the daemon against local simulators and a throw-away database")
+    show.add_argument("--duration", type=float, default=20.0, metavar="S", help="seconds to run (default 20)")
+    show.add_argument(
+        "--rate", type=float, default=100.0, metavar="N", help="events per second (default 100)"
+    )
+    show.add_argument("--keep", type=Path, metavar="DIR", help="keep the demo database in DIR")
+    show.set_defaults(handler=_demo)
+
+    replay = commands.add_parser("replay", help="ingest recorded Events API response bodies, one per line")
+    replay.add_argument("file", type=Path, help="a file of JSON response bodies, one per line")
+    replay.set_defaults(handler=_replay)
     _add_report_commands(commands)
 
     probe = commands.add_parser(
@@ -82,6 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # the last boundary: one line for people, the traceback in the log
+        problems = list(error.exceptions) if isinstance(error, ExceptionGroup) else [error]
+        if all(isinstance(problem, errors.DaemonError) for problem in problems):
+            for problem in problems:
+                print(f"mhc-daemon: {logs.mask(str(problem))}", file=sys.stderr)
+            return 1
+        log.error("crashed", exc_info=error)
+        print(f"mhc-daemon: internal error: {logs.mask(repr(error))} (details in the log)", file=sys.stderr)
+        return EX_SOFTWARE
 
 
 async def _deltas(settings: config.Settings, args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     cb_username: str = ""
     cb_events_token: SecretStr | None = None
     cb_events_base_url: str = "https://eventsapi.chaturbate.com"
-    cb_events_timeout: int = Field(30, ge=0, le=90)
+    cb_events_timeout: int = Field(default=30, ge=0, le=90)
 
     # Chaturbate Stats API
     cb_stats_url: str = "https://chaturbate.com/statsapi/"
@@ -45,14 +45,14 @@ class Settings(BaseSettings):
     # Statbate Plus API
     statbate_base_url: str = "https://plus.statbate.com/api"
     statbate_token: SecretStr | None = None
-    statbate_requests_per_minute: int = Field(60, ge=1, le=119)
-    member_snapshot_ttl_hours: float = Field(24.0, gt=0, le=24 * 365)
+    statbate_requests_per_minute: int = Field(default=60, ge=1, le=119)
+    member_snapshot_ttl_hours: float = Field(default=24.0, gt=0, le=24 * 365)
 
     # Operations
     health_host: str = "127.0.0.1"
-    health_port: int = Field(8787, ge=0, le=65535)
-    shutdown_timeout: float = Field(10.0, gt=0, le=300)
-    spool_max_mb: int = Field(512, ge=1, le=1024 * 1024)
+    health_port: int = Field(default=8787, ge=0, le=65535)
+    shutdown_timeout: float = Field(default=10.0, gt=0, le=300)
+    spool_max_mb: int = Field(default=512, ge=1, le=1024 * 1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -410,7 +410,7 @@ def _first_by_event(rows: list[Any]) -> dict[str, Any]:
 
 
 async def _insert_events(
-    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str, timeout_seconds: int
+    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str | None, timeout_seconds: int
 ) -> list[ingest.StoredEvent]:
     """Insert the raw events and move the cursor; return the events new in this transaction, first
     occurrence each, in page order."""
@@ -423,7 +423,7 @@ async def _insert_events(
         [event.event_time for event in events],
         batch.received_at,
         [event.raw_json for event in events],
-        normalize_username(cursor_broadcaster),
+        normalize_username(cursor_broadcaster) if cursor_broadcaster is not None else None,
         batch.next_event_id,
         timeout_seconds,
     )
@@ -499,7 +499,7 @@ def _row_count(status: str) -> int:
 
 
 async def _write(
-    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str, timeout_seconds: int
+    connection: Connection, batch: ingest.Batch, cursor_broadcaster: str | None, timeout_seconds: int
 ) -> WriteResult:
     fresh = await _insert_events(connection, batch, cursor_broadcaster, timeout_seconds)
     sessions = await _derive(connection, batch, fresh)
@@ -530,12 +530,13 @@ async def _write(
 
 
 async def write_batch(
-    pool: asyncpg.Pool, batch: ingest.Batch, *, cursor_broadcaster: str, timeout_seconds: int
+    pool: asyncpg.Pool, batch: ingest.Batch, *, cursor_broadcaster: str | None, timeout_seconds: int
 ) -> WriteResult:
     """Store one API response in one transaction: its new events, their rows, session changes, quarantined
-    items and the cursor after it. All or nothing; an event already stored is skipped with everything derived
-    from it. Updates the ingest metrics (events, duplicates, quarantined, unknown methods, rows, write time,
-    lag) after the commit, so a rolled-back write counts nothing."""
+    items and the cursor after it (none when `cursor_broadcaster` is None: a replay never moves it). All or
+    nothing; an event already stored is skipped with everything derived from it. Updates the ingest
+    metrics (events, duplicates, quarantined, unknown methods, rows, write time, lag) after the commit, so a
+    rolled-back write counts nothing."""
     started = time.perf_counter()
     with translate_errors():
         async with pool.acquire() as connection, connection.transaction():

@@ -1,10 +1,11 @@
 """A disk spool for database outages: fetched pages, in order, fsync'd, drained once the database is back.
 
-One append-only file of JSON lines under `MHC_DATA_DIR/spool/`. The poller appends a page and fsyncs it before
-it moves its in-memory position past that page; the writer commits spooled pages in order through the same
-idempotent writer and empties the file once every page in it is committed. A crash while spooling loses at most
-a line that was never fsync'd (so the position never moved past it and the page is fetched again); a crash while
-draining drains again from the first line, and the writer's idempotency skips what was already committed.
+One append-only file of JSON lines under `MHC_DATA_DIR/spool/`. The poller appends a page and fsyncs it
+before it moves its in-memory position past that page; the writer commits spooled pages in order through
+the same idempotent writer and empties the file once every page in it is committed. A crash while spooling
+loses at most a line that was never fsync'd (so the position never moved past it and the page is fetched
+again); a crash while draining drains again from the first line, and the writer's idempotency skips what
+was already committed.
 """
 
 from __future__ import annotations
@@ -113,10 +114,13 @@ class Spool:
                 if not line.endswith(b"\n"):
                     return  # a torn final line: never fsync'd, so its page is fetched again
                 record = json.loads(line)
-                yield position, SpooledPage(
-                    events=record["events"],
-                    next_event_id=record["next_event_id"],
-                    received_at=dt.datetime.fromisoformat(record["received_at"]),
+                yield (
+                    position,
+                    SpooledPage(
+                        events=record["events"],
+                        next_event_id=record["next_event_id"],
+                        received_at=dt.datetime.fromisoformat(record["received_at"]),
+                    ),
                 )
 
     def _drop_torn_tail(self) -> None:

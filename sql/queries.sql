@@ -35,7 +35,7 @@ SELECT broadcaster, last_event_id, timeout_seconds FROM ingest_cursor WHERE broa
 -- id (nextUrl null) keeps the last committed position rather than forgetting it.
 WITH moved AS (
   INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
-  VALUES ($7, $8, $9, NOW())
+  SELECT $7::text, $8::text, $9::integer, NOW() WHERE $7::text IS NOT NULL
   ON CONFLICT (broadcaster) DO UPDATE SET
     last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
     timeout_seconds = EXCLUDED.timeout_seconds,

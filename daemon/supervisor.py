@@ -1,0 +1,363 @@
+"""The supervisor: one owner for every long-lived task of `mhc-daemon run`.
+
+Resources open in dependency order (database → pool → HTTP session → health server) and close in reverse.
+The poller fetches pages and hands them to the writer through a small bounded queue, so the next long-poll is
+under way while the current page is written. The read position only moves when a page is committed, so a
+crash at any instant re-reads, and the writer's idempotency turns re-reads into "duplicates skipped".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import aiohttp
+
+from daemon import (
+    config,
+    database_server,
+    db,
+    errors,
+    events_api,
+    health,
+    ingest,
+    logs,
+    metrics,
+    migrations,
+    runtime_state,
+    snapshots,
+    spool,
+    systemd,
+)
+
+log = logs.get_logger(__name__)
+T = TypeVar("T")
+
+HANDOFF_PAGES = 4  # pages fetched ahead of the writer; bounded so a stalled database stops polling
+DATABASE_CHECK_SECONDS = 5.0
+SUMMARY_SECONDS = 60.0
+WRITE_RETRY_MAX_SECONDS = 30.0
+
+
+class PageLike(Protocol):
+    """A fetched page or a spooled one: what the writer needs of either."""
+
+    @property
+    def events(self) -> list[Any]: ...
+    @property
+    def next_event_id(self) -> str | None: ...
+    @property
+    def received_at(self) -> dt.datetime: ...
+
+
+@dataclass
+class Supervisor:
+    settings: config.Settings
+    state: runtime_state.RuntimeState = field(default_factory=runtime_state.RuntimeState)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Retry pacing of the Events API client; tests and the demo shorten them.
+    auth_retry_seconds: float = 300.0
+    backoff_max: float = 60.0
+    disk_spool: spool.Spool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.disk_spool = spool.Spool(
+            self.settings.data_dir / "spool", max_bytes=self.settings.spool_max_mb * 1024 * 1024
+        )
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or until a task fails unexpectedly (the error propagates)."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        try:
+            async with self._resources() as (pool, session):
+                await self._run_tasks(pool, session)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            systemd.stopping()
+        log.info("stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        if not self.stop.is_set():
+            log.info("stop_requested")
+            systemd.stopping()
+            self.stop.set()
+
+    @contextlib.asynccontextmanager
+    async def _resources(self) -> AsyncIterator[tuple[db.Pool, aiohttp.ClientSession]]:
+        settings = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            url = await stack.enter_async_context(database_server.open_url(settings))
+            if settings.migrate_on_start:
+                async with db.single_connection(url) as connection:
+                    for line in await migrations.migrate(connection):
+                        log.info("migration_applied", migration=line)
+            pool = await stack.enter_async_context(db.open_pool(url, min_size=2, max_size=6))
+            self.state.database_up = True
+            self.state.migrations_current = await db.schema_is_current(pool)
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(headers={"User-Agent": "mhc-daemon"}, raise_for_status=False)
+            )
+            await stack.enter_async_context(health.serve(pool, settings, self.state))
+            self.state.live_session_id = await self._live_session(pool)
+            yield pool, session
+
+    async def _run_tasks(self, pool: db.Pool, session: aiohttp.ClientSession) -> None:
+        settings = self.settings
+        client = events_api.EventsClient(
+            session,
+            base_url=settings.cb_events_base_url,
+            username=settings.cb_username,
+            token=settings.cb_events_token.get_secret_value() if settings.cb_events_token else "",
+            timeout=settings.cb_events_timeout,
+            on_failure=self._failure_recorder(pool),
+            state=self.state,
+            backoff_max=self.backoff_max,
+            auth_retry_seconds=self.auth_retry_seconds,
+        )
+        handoff: asyncio.Queue[PageLike] = asyncio.Queue(maxsize=HANDOFF_PAGES)
+        tasks = asyncio.ensure_future(self._task_group(pool, session, client, handoff))
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not tasks.done():
+            # Bounded: what is not written by then is re-read at the next start, never lost.
+            try:
+                await asyncio.wait_for(asyncio.shield(tasks), timeout=settings.shutdown_timeout)
+            except TimeoutError:
+                log.warning("shutdown_timeout_reached", pages_not_written=handoff.qsize())
+                tasks.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tasks
+        if not tasks.cancelled():
+            tasks.result()  # an unexpected task failure propagates as the daemon's failure
+
+    async def _task_group(
+        self,
+        pool: db.Pool,
+        session: aiohttp.ClientSession,
+        client: events_api.EventsClient,
+        handoff: asyncio.Queue[PageLike],
+    ) -> None:
+        settings = self.settings
+        async with asyncio.TaskGroup() as group:
+            poller = group.create_task(self._poll(client, pool, handoff), name="poller")
+            group.create_task(self._write(pool, handoff, poller), name="writer")
+            group.create_task(
+                health.run_checks(pool, self.state, self.stop, interval=DATABASE_CHECK_SECONDS),
+                name="health_checks",
+            )
+            group.create_task(
+                logs.run_summary(self.state, self.stop, interval=SUMMARY_SECONDS), name="summary"
+            )
+            interval = systemd.watchdog_interval()
+            if interval is not None:
+                # Longer than one long-poll: an idle room completes a poll only every `timeout` seconds.
+                stall_after = max(3.0 * settings.cb_events_timeout, 60.0, 2 * interval)
+                group.create_task(
+                    systemd.run_watchdog(self.state, self.stop, interval=interval, stall_after=stall_after),
+                    name="watchdog",
+                )
+            group.create_task(
+                snapshots.run_scheduler(
+                    pool=pool,
+                    session=session,
+                    settings=settings,
+                    state=self.state,
+                    stop=self.stop,
+                    on_failure=self._failure_recorder(pool),
+                ),
+                name="snapshot_scheduler",
+            )
+
+    def _failure_recorder(self, pool: db.Pool) -> events_api.Recorder:
+        async def record(failure: db.ApiFailure) -> None:
+            self.state.failures += 1
+            try:
+                await db.record_api_failure(pool, failure)
+            except errors.StorageError as error:
+                # The failure is already in the log line the client wrote; say loudly that the row is missing.
+                log.error(
+                    "api_failure_not_recorded", api=failure.api, kind=failure.error_kind, error=str(error)
+                )
+
+        return record
+
+    async def _poll(
+        self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[PageLike]
+    ) -> None:
+        """Fetch pages from the last committed position onwards until told to stop."""
+        if self.disk_spool.has_pages():
+            # Spooled pages are newer than the committed cursor: resume after them; they are drained first.
+            position = self.disk_spool.last_position()
+        else:
+            cursor = await self._retry_storage(
+                "load_cursor", lambda: db.load_cursor(pool, self.settings.cb_username)
+            )
+            position = cursor.last_event_id if cursor else None
+        url = client.start_url(position)
+        log.info("polling_started", resume_from=position, spooled_bytes=self.disk_spool.pending_bytes)
+        first = True
+        while not self.stop.is_set():
+            fetch = asyncio.ensure_future(client.fetch(url))
+            stopped = asyncio.ensure_future(self.stop.wait())
+            done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if fetch not in done:
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetch
+                break
+            stopped.cancel()
+            page = fetch.result()
+            if first:
+                systemd.ready()
+                first = False
+            if not await self._hand_off(page, handoff):
+                break
+            url = page.next_url or client.start_url(page.next_event_id)
+
+    async def _hand_off(self, page: events_api.Page, handoff: asyncio.Queue[PageLike]) -> bool:
+        """Give a page to the writer, or to the disk spool while the database is away; False once stopping.
+
+        Pages go to the spool whenever it already holds some, so that they are always committed in order.
+        """
+        full_logged = False
+        while True:
+            if self.state.database_up and not self.disk_spool.has_pages():
+                try:
+                    await asyncio.wait_for(handoff.put(page), timeout=1.0)
+                    return True
+                except TimeoutError:
+                    self.state.poll_progress += 1  # waiting for the writer (back-pressure) is not a stall
+                    continue
+            try:
+                was_empty = not self.disk_spool.has_pages()
+                self.disk_spool.append(spool.SpooledPage(page.events, page.next_event_id, page.received_at))
+            except spool.SpoolFull:
+                if not full_logged:
+                    log.error(
+                        "spool_full_polling_paused",
+                        spool_bytes=self.disk_spool.size,
+                        limit_mb=self.settings.spool_max_mb,
+                        hint="database unreachable; nothing is dropped: the API keeps what is not fetched",
+                    )
+                    full_logged = True
+                self.state.poll_progress += 1
+                if await self._wait_stop(1.0):
+                    return False
+                continue
+            if was_empty:
+                log.warning("spooling_to_disk", path=str(self.disk_spool.path))
+            self._spool_gauge()
+            return True
+
+    async def _write(
+        self, pool: db.Pool, handoff: asyncio.Queue[PageLike], poller: asyncio.Task[None]
+    ) -> None:
+        """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end."""
+        while True:
+            if not handoff.empty():
+                await self._commit(pool, handoff.get_nowait())
+            elif (spooled := self.disk_spool.next_page()) is not None:
+                end_offset, spooled_page = spooled
+                await self._commit(pool, spooled_page)
+                self.disk_spool.committed(end_offset)
+                self._spool_gauge()
+                if not self.disk_spool.has_pages():
+                    log.info("spool_drained")
+            elif poller.done():
+                return
+            else:
+                try:
+                    page = await asyncio.wait_for(handoff.get(), timeout=0.5)
+                except TimeoutError:
+                    # Idle is healthy: the watchdog must not take it for a stall.
+                    self.state.write_progress += 1
+                    continue
+                await self._commit(pool, page)
+
+    def _spool_gauge(self) -> None:
+        self.state.spool_bytes = self.disk_spool.pending_bytes
+        metrics.SPOOL_BYTES.set(self.state.spool_bytes)
+
+    async def _commit(self, pool: db.Pool, page: PageLike) -> None:
+        batch = ingest.parse_page(
+            page.events,
+            broadcaster=self.settings.cb_username,
+            received_at=page.received_at,
+            next_event_id=page.next_event_id,
+        )
+        write = self._retry_storage(
+            "write_batch",
+            lambda: db.write_batch(
+                pool,
+                batch,
+                cursor_broadcaster=self.settings.cb_username,
+                timeout_seconds=self.settings.cb_events_timeout,
+            ),
+        )
+        # Shielded: a stop never interrupts a commit halfway; a page not committed is simply read again.
+        result = await asyncio.shield(write)
+        self._account(result)
+        if result.sessions_opened or result.sessions_closed:
+            self.state.live_session_id = await self._retry_storage(
+                "live_session", lambda: self._live_session(pool)
+            )
+
+    async def _retry_storage(self, operation: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Retry an operation while the database is unreachable; other storage errors propagate."""
+        delay = 0.5
+        while True:
+            try:
+                result = await attempt()
+            except errors.DatabaseUnavailable as error:
+                self.state.database_up = False
+                self.state.write_progress += 1  # retrying is alive, not wedged
+                metrics.DATABASE_UP.set(0)
+                log.warning(
+                    "database_unavailable", operation=operation, retry_in_s=round(delay, 1), error=str(error)
+                )
+                await asyncio.sleep(delay + random.uniform(0, delay / 4))  # noqa: S311  # jitter, not crypto
+                delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+                continue
+            self.state.database_up = True
+            return result
+
+    async def _live_session(self, pool: db.Pool) -> str | None:
+        session_id = await db.live_session_id(pool)
+        return str(session_id) if session_id else None
+
+    def _account(self, result: db.WriteResult) -> None:
+        """Keep the runtime state current (the writer already counted the metrics, after its commit)."""
+        state = self.state
+        state.write_progress += 1
+        state.events_stored += result.new_events
+        state.duplicates_skipped += result.duplicates
+        state.quarantined += result.quarantined
+        if result.newest_event_time is not None:
+            state.last_event_time = result.newest_event_time.replace(tzinfo=dt.UTC).timestamp()
+        log.debug(
+            "batch_stored",
+            events=result.new_events,
+            duplicates=result.duplicates,
+            interactions=result.interactions,
+            quarantined=result.quarantined,
+        )
+
+    async def _wait_stop(self, seconds: float) -> bool:
+        """Wait up to `seconds` (with a little jitter) for the stop event; True when it is set."""
+        jittered = seconds * random.uniform(0.95, 1.05)  # noqa: S311  # jitter, not crypto
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=jittered)
+        except TimeoutError:
+            return False
+        return True
