@@ -43,6 +43,7 @@ HANDOFF_PAGES = 4  # pages fetched ahead of the writer; bounded so a stalled dat
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 WRITE_RETRY_MAX_SECONDS = 30.0
+STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
 
 
 class PageLike(Protocol):
@@ -123,6 +124,7 @@ class Supervisor:
             state=self.state,
             backoff_max=self.backoff_max,
             auth_retry_seconds=self.auth_retry_seconds,
+            sleep=self._poll_sleep,
         )
         handoff: asyncio.Queue[PageLike] = asyncio.Queue(maxsize=HANDOFF_PAGES)
         tasks = asyncio.ensure_future(self._task_group(pool, session, client, handoff))
@@ -162,7 +164,7 @@ class Supervisor:
             interval = systemd.watchdog_interval()
             if interval is not None:
                 # Longer than one long-poll: an idle room completes a poll only every `timeout` seconds.
-                stall_after = max(3.0 * settings.cb_events_timeout, 60.0, 2 * interval)
+                stall_after = max(settings.cb_events_timeout + STALL_MARGIN_SECONDS, 2 * interval)
                 group.create_task(
                     systemd.run_watchdog(self.state, self.stop, interval=interval, stall_after=stall_after),
                     name="watchdog",
@@ -352,6 +354,15 @@ class Supervisor:
             interactions=result.interactions,
             quarantined=result.quarantined,
         )
+
+    async def _poll_sleep(self, seconds: float) -> None:
+        """The client's waits (backoff, Retry-After, a rejected token's slow retry) are deliberate, not a
+        wedge: they count as poll progress every second, so only a request that never ends stops the pings."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(left, 1.0))
+            self.state.poll_progress += 1
 
     async def _wait_stop(self, seconds: float) -> bool:
         """Wait up to `seconds` (with a little jitter) for the stop event; True when it is set."""
