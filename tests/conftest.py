@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import uuid
 import warnings
@@ -40,13 +41,19 @@ def with_database(url: str, name: str) -> str:
 
 
 def _docker_answers() -> bool:
-    try:
-        import docker
-
-        docker.from_env(timeout=2).ping()
-    except Exception:  # no client, no socket, no engine: all mean "no Docker here"
+    """True when a Docker engine answers `/_ping` on its local socket (the docker client leaks its socket)."""
+    path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://")
+    if not Path(path).exists():
         return False
-    return True
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(2)
+            probe.connect(path)
+            probe.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = probe.recv(64)
+        return reply.startswith(b"HTTP/1.") and b" 200 " in reply
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

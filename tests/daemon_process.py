@@ -66,6 +66,17 @@ class DaemonProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    async def wait_for_log(self, event: str, within: float = 60.0) -> None:
+        """Wait until the daemon logged `event` (`polling_started`: its signal handlers are in place)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while f'"event": "{event}"' not in self.log_text():
+            if self.process.returncode is not None:
+                raise AssertionError(f"daemon exited {self.process.returncode}:\n{self.log_text()[-3000:]}")
+            if loop.time() > deadline:
+                raise AssertionError(f"the daemon did not log {event!r} within {within} s")
+            await asyncio.sleep(0.05)
+
 
 @contextlib.asynccontextmanager
 async def running_daemon(env: dict[str, str], log_path: Path) -> AsyncIterator[DaemonProcess]:

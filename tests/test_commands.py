@@ -1,0 +1,72 @@
+"""The one-shot commands a person runs: `demo` and `replay`, as real child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from tests.conftest import shared_path
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MHC_")}
+    env["MHC_DATA_DIR"] = str(tmp_path / "data")
+    env.update(extra)
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_demo_shows_events_flowing_into_an_embedded_database(tmp_path: Path) -> None:
+    result = _run(["demo", "--duration", "4", "--rate", "100"], _env(tmp_path), tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    progress = [line for line in out.splitlines() if "events/s" in line]
+    assert len(progress) >= 3, out
+    stored_line = next(line for line in out.splitlines() if line.startswith("stored:"))
+    stored_events = int(stored_line.split(":")[1].split()[0])
+    assert stored_events >= 300, stored_line
+    assert "TIP_EVENT" in out and "statbate_member" in out and "cb_stats" in out
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists(), "the demo never touches the user's data directory"
+
+
+async def test_replay_is_idempotent_and_leaves_the_cursor_alone(tmp_path: Path, database_url: str) -> None:
+    bodies = [
+        shared_path("fixtures", "testbed-response-cb-events.json").read_text(),
+        shared_path("fixtures", "testbed-response-nexturl-null.json").read_text(),
+    ]
+    recording = tmp_path / "responses.jsonl"
+    recording.write_text("\n".join(json.dumps(json.loads(body)) for body in bodies) + "\nnot json\n")
+    env = _env(tmp_path, MHC_DATABASE_URL=database_url, MHC_CB_USERNAME="mrslaw")
+
+    first = _run(["replay", str(recording)], env, tmp_path)
+    assert first.returncode == 1, first.stderr  # the unreadable line is reported, not skipped silently
+    assert "3 responses: 9 events stored, 0 already stored, 0 quarantined, 1 unreadable lines" in first.stdout
+    assert "replay_line_unreadable" in first.stderr
+
+    second = _run(["replay", str(recording)], env, tmp_path)
+    assert "0 events stored, 9 already stored" in second.stdout
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM events") == 9
+        assert await connection.fetchval("SELECT count(*) FROM interactions") == 9
+        assert await connection.fetchval("SELECT count(*) FROM ingest_cursor") == 0
+    finally:
+        await connection.close()
