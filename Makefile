@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv lint types unit test test-storage demo bench chaos clean
+.PHONY: venv lint types test test-storage demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: lint types
 ## make test-storage: the storage tests again, against MHC_TEST_DATABASE_URL
 test-storage: $(STAMP)
 	$(BIN)/pytest -m storage $(PYTEST_ARGS)
+
+## make demo: the daemon against local simulators and a throw-away embedded PostgreSQL (no token, no server)
+demo: $(STAMP)
+	$(BIN)/mhc-daemon demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache

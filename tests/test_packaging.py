@@ -132,7 +132,8 @@ def test_image_runs_the_installed_console_script(installed_wheel: Path, tmp_path
         [entrypoint[0], "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert usage.returncode == 0, usage.stderr
-    assert "health" in usage.stdout
+    for command in ("run", "migrate", "demo", "replay", "deltas", "stats", "health"):
+        assert command in usage.stdout, command
 
 
 async def test_image_healthcheck_command_against_a_real_health_server(
