@@ -339,7 +339,7 @@ class Supervisor:
         return str(session_id) if session_id else None
 
     def _account(self, result: db.WriteResult) -> None:
-        """Keep the runtime state current (the writer already counted the metrics, after its commit)."""
+        """Keep the runtime state current (the writer already counted the metrics and logged the batch)."""
         state = self.state
         state.write_progress += 1
         state.events_stored += result.new_events
@@ -347,13 +347,6 @@ class Supervisor:
         state.quarantined += result.quarantined
         if result.newest_event_time is not None:
             state.last_event_time = result.newest_event_time.replace(tzinfo=dt.UTC).timestamp()
-        log.debug(
-            "batch_stored",
-            events=result.new_events,
-            duplicates=result.duplicates,
-            interactions=result.interactions,
-            quarantined=result.quarantined,
-        )
 
     async def _poll_sleep(self, seconds: float) -> None:
         """The client's waits (backoff, Retry-After, a rejected token's slow retry) are deliberate, not a
