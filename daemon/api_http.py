@@ -1,6 +1,6 @@
 """One JSON request to a snapshot API (Statbate, Chaturbate Stats), its failures as our errors, and retries.
 
-Both snapshot clients share this: an HTTP status or a socket error becomes an `ApiCallError` subclass named
+Both snapshot clients share this: an HTTP status or a socket error becomes an `errors.ApiError` subclass named
 after the failure kind stored in `api_failures`; every failed attempt is handed to the caller's recorder and
 counted; tenacity retries only the kinds a client names, honouring a 429's Retry-After.
 """
@@ -29,74 +29,12 @@ RETRY_AFTER_MAX_SECONDS = 300.0
 log = logs.get_logger(__name__)
 
 
-class ApiCallError(errors.ApiError):
-    """An external API call failed."""
-
-    kind = "http_4xx"
-
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        status: int | None = None,
-        body_excerpt: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(logs.mask(message) if message else None)
-        self.status = status
-        self.body_excerpt = logs.mask(body_excerpt) if body_excerpt else None
-        self.retry_after = retry_after
-
-
-class NotFound(ApiCallError):
-    """The API does not know this name."""
-
-    kind = "not_found"
-
-
-class AuthRejected(ApiCallError):
-    """The API rejected the token (401/403)."""
-
-    kind = "auth_rejected"
-
-
-class RateLimited(ApiCallError):
-    """The API asked us to slow down (429)."""
-
-    kind = "rate_limited"
-
-
-class ServerError(ApiCallError):
-    """The API failed on its side (5xx)."""
-
-    kind = "http_5xx"
-
-
-class RequestTimeout(ApiCallError):
-    """The API did not answer in time."""
-
-    kind = "timeout"
-
-
-class ConnectionFailed(ApiCallError):
-    """The connection to the API failed or was dropped."""
-
-    kind = "connection"
-
-
-class BadBody(ApiCallError):
-    """The API answered with a body that is not the JSON we expect."""
-
-    kind = "bad_body"
-
-
-class ClientRejected(ApiCallError):
-    """The API refused the request (4xx)."""
-
-    kind = "http_4xx"
-
-
-TRANSIENT: tuple[type[ApiCallError], ...] = (ServerError, RequestTimeout, ConnectionFailed, BadBody)
+TRANSIENT: tuple[type[errors.ApiError], ...] = (
+    errors.ServerError,
+    errors.RequestTimeout,
+    errors.ConnectionFailed,
+    errors.BadBody,
+)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -110,15 +48,15 @@ def retry_after_seconds(value: str | None) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-def error_for_status(status: int, body: str, retry_after: str | None) -> ApiCallError:
+def error_for_status(status: int, body: str, retry_after: str | None) -> errors.ApiError:
     excerpt = body[: db.BODY_EXCERPT_CHARS]
-    kinds: dict[int, type[ApiCallError]] = {
-        401: AuthRejected,
-        403: AuthRejected,
-        404: NotFound,
-        429: RateLimited,
+    kinds: dict[int, type[errors.ApiError]] = {
+        401: errors.AuthRejected,
+        403: errors.AuthRejected,
+        404: errors.NotFound,
+        429: errors.RateLimited,
     }
-    cls = kinds.get(status) or (ServerError if status >= 500 else ClientRejected)
+    cls = kinds.get(status) or (errors.ServerError if status >= 500 else errors.ClientRejected)
     return cls(
         f"HTTP {status}", status=status, body_excerpt=excerpt, retry_after=retry_after_seconds(retry_after)
     )
@@ -135,7 +73,7 @@ async def request_json(
     params: Mapping[str, str] | None = None,
     json_body: Any = None,
 ) -> Any:
-    """One attempt: the decoded JSON body of a 2xx answer, else the matching `ApiCallError`."""
+    """One attempt: the decoded JSON body of a 2xx answer, else the matching `errors.ApiError`."""
     try:
         async with session.request(
             method,
@@ -151,20 +89,22 @@ async def request_json(
                 raise error_for_status(response.status, body, response.headers.get("Retry-After"))
     except TimeoutError as error:
         metrics.API_REQUESTS.labels(api, "timeout").inc()
-        raise RequestTimeout(f"no answer within {timeout:g} s") from error
+        raise errors.RequestTimeout(f"no answer within {timeout:g} s") from error
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as error:
         metrics.API_REQUESTS.labels(api, "connection").inc()
-        raise ConnectionFailed(f"connection failed: {type(error).__name__}") from error
+        raise errors.ConnectionFailed(f"connection failed: {type(error).__name__}") from error
     try:
         return json.loads(body)
     except ValueError as error:
-        raise BadBody("the body is not JSON", status=response.status, body_excerpt=body[:200]) from error
+        raise errors.BadBody(
+            "the body is not JSON", status=response.status, body_excerpt=body[:200]
+        ) from error
 
 
 def _wait(state: tenacity.RetryCallState) -> float:
     """Retry-After when the API sent one, else exponential backoff with full jitter."""
     error: BaseException | None = state.outcome.exception() if state.outcome else None
-    if isinstance(error, ApiCallError) and error.retry_after is not None:
+    if isinstance(error, errors.ApiError) and error.retry_after is not None:
         return min(float(error.retry_after), RETRY_AFTER_MAX_SECONDS)
     ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** (state.attempt_number - 1))
     return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311  # jitter, not cryptography
@@ -177,7 +117,7 @@ async def call(
     operation: str,
     url: str,
     on_failure: FailureRecorder,
-    retry_on: tuple[type[ApiCallError], ...],
+    retry_on: tuple[type[errors.ApiError], ...],
     max_attempts: int,
     sleep: Sleep,
 ) -> Any:
@@ -197,7 +137,7 @@ async def call(
             number = try_.retry_state.attempt_number
             try:
                 return await attempt()
-            except ApiCallError as error:
+            except errors.ApiError as error:
                 await _record(
                     error, api=api, operation=operation, url=url, attempt=number, on_failure=on_failure
                 )
@@ -206,7 +146,7 @@ async def call(
 
 
 async def _record(
-    error: ApiCallError, *, api: str, operation: str, url: str, attempt: int, on_failure: FailureRecorder
+    error: errors.ApiError, *, api: str, operation: str, url: str, attempt: int, on_failure: FailureRecorder
 ) -> None:
     metrics.API_FAILURES.labels(api, error.kind).inc()
     masked = logs.mask(url)

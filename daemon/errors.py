@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from daemon import logs  # a leaf too: logs imports only metrics and runtime_state, never errors
+
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's unit refuses to restart on it.
 
 
@@ -29,4 +31,70 @@ class MigrationError(DaemonError):
 
 
 class ApiError(DaemonError):
-    """An external API call failed."""
+    """An external API call failed.
+
+    `kind` is the failure kind stored in `api_failures`; message and excerpt are masked on the way in.
+    """
+
+    kind = "http_4xx"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        body_excerpt: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(logs.mask(message) if message else None)
+        self.status = status
+        self.body_excerpt = logs.mask(body_excerpt) if body_excerpt else None
+        self.retry_after = retry_after
+
+
+class NotFound(ApiError):
+    """The API does not know this name."""
+
+    kind = "not_found"
+
+
+class AuthRejected(ApiError):
+    """The API rejected the token (401/403)."""
+
+    kind = "auth_rejected"
+
+
+class RateLimited(ApiError):
+    """The API asked us to slow down (429)."""
+
+    kind = "rate_limited"
+
+
+class ServerError(ApiError):
+    """The API failed on its side (5xx, Cloudflare 52x)."""
+
+    kind = "http_5xx"
+
+
+class RequestTimeout(ApiError):
+    """The API did not answer in time."""
+
+    kind = "timeout"
+
+
+class ConnectionFailed(ApiError):
+    """The connection to the API failed or was dropped."""
+
+    kind = "connection"
+
+
+class BadBody(ApiError):
+    """The API answered with a body that is not the JSON we expect."""
+
+    kind = "bad_body"
+
+
+class ClientRejected(ApiError):
+    """The API refused the request (another 4xx)."""
+
+    kind = "http_4xx"

@@ -42,70 +42,6 @@ Recorder = Callable[[db.ApiFailure], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
 
 
-class EventsApiError(errors.ApiError):
-    """The Events API call failed."""
-
-    kind = "connection"
-
-    def __init__(self, message: str | None = None, *, status: int | None = None, excerpt: str | None = None):
-        super().__init__(logs.mask(message) if message else None)
-        self.status = status
-        self.excerpt = excerpt
-
-
-class ServerError(EventsApiError):
-    """The Events API answered with a server error."""
-
-    kind = "http_5xx"
-
-
-class RateLimited(EventsApiError):
-    """The Events API asked us to slow down (HTTP 429)."""
-
-    kind = "rate_limited"
-
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        status: int | None = None,
-        excerpt: str | None = None,
-        retry_after: float | None = None,
-    ):
-        super().__init__(message, status=status, excerpt=excerpt)
-        self.retry_after = retry_after
-
-
-class RequestTimedOut(EventsApiError):
-    """The Events API did not answer in time."""
-
-    kind = "timeout"
-
-
-class ConnectionFailed(EventsApiError):
-    """The connection to the Events API failed or was dropped."""
-
-    kind = "connection"
-
-
-class BadBody(EventsApiError):
-    """The Events API answered with a body that is not the expected JSON."""
-
-    kind = "bad_body"
-
-
-class TokenRejected(EventsApiError):
-    """The Events API rejected the token."""
-
-    kind = "auth_rejected"
-
-
-class ClientRequestError(EventsApiError):
-    """The Events API refused the request."""
-
-    kind = "http_4xx"
-
-
 FOREIGN_NEXT_URL = "foreign_next_url"
 
 
@@ -293,7 +229,7 @@ class EventsClient:
     async def fetch(self, url: EventsUrl) -> Page:
         """The next successful response to `url`, retrying every failure for as long as it takes."""
         retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(EventsApiError),
+            retry=tenacity.retry_if_exception_type(errors.ApiError),
             wait=self._wait,
             sleep=self._sleep,
             reraise=True,
@@ -310,7 +246,7 @@ class EventsClient:
         try:
             response = await self._get(url)
             page = await self._page(url, response, attempt)
-        except EventsApiError as error:
+        except errors.ApiError as error:
             await self._failed(url, error, attempt)
             raise
         self._state.poll_succeeded()
@@ -334,9 +270,9 @@ class EventsClient:
                 return _Response(response.status, response.headers.get("Retry-After"), body)
         # Only type names go into messages: aiohttp's own texts carry the URL, hence the token.
         except TimeoutError:
-            raise RequestTimedOut(f"no answer within {read:g} s") from None
+            raise errors.RequestTimeout(f"no answer within {read:g} s") from None
         except (aiohttp.ClientError, OSError) as error:
-            raise ConnectionFailed(f"connection failed ({type(error).__name__})") from None
+            raise errors.ConnectionFailed(f"connection failed ({type(error).__name__})") from None
         finally:
             metrics.API_REQUESTS.labels(api=API, status=status).inc()
             metrics.POLL_SECONDS.observe(time.monotonic() - started)
@@ -348,12 +284,12 @@ class EventsClient:
             payload = _decode(response.body, excerpt)
             events = payload.get("events")
             if not isinstance(events, list):
-                raise BadBody("the body has no events array", status=status, excerpt=excerpt)
+                raise errors.BadBody("the body has no events array", status=status, body_excerpt=excerpt)
         elif status == 400:
             # The undocumented "waited too long for events" form: a continuation when it names a nextUrl.
             continuation = _decode_or_none(response.body)
             if continuation is None or not isinstance(continuation.get("nextUrl"), str):
-                raise ClientRequestError("HTTP 400", status=status, excerpt=excerpt)
+                raise errors.ClientRejected("HTTP 400", status=status, body_excerpt=excerpt)
             payload, events = continuation, []
         else:
             raise _status_error(response, excerpt)
@@ -394,9 +330,9 @@ class EventsClient:
 
     # -- failures and waits ----------------------------------------------------------------------------------
 
-    async def _failed(self, url: EventsUrl, error: EventsApiError, attempt: int) -> None:
+    async def _failed(self, url: EventsUrl, error: errors.ApiError, attempt: int) -> None:
         metrics.API_FAILURES.labels(api=API, kind=error.kind).inc()
-        if isinstance(error, TokenRejected):
+        if isinstance(error, errors.AuthRejected):
             self._state.token_rejected = True
             log.error(
                 "events_token_rejected",
@@ -415,7 +351,7 @@ class EventsClient:
                 attempt=attempt,
                 url=url.masked(),
                 error=str(error),
-                body=error.excerpt,
+                body=error.body_excerpt,
             )
         await self._record(
             db.ApiFailure(
@@ -424,7 +360,7 @@ class EventsClient:
                 url=url.masked(),
                 error_kind=error.kind,
                 http_status=error.status,
-                body_excerpt=error.excerpt,
+                body_excerpt=error.body_excerpt,
                 attempt=attempt,
                 occurred_at=dt.datetime.now(dt.UTC),
             )
@@ -440,11 +376,11 @@ class EventsClient:
     def _wait(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
-        if isinstance(error, TokenRejected):
+        if isinstance(error, errors.AuthRejected):
             return self._auth_retry_seconds
-        if isinstance(error, RateLimited) and error.retry_after is not None:
+        if isinstance(error, errors.RateLimited) and error.retry_after is not None:
             return error.retry_after
-        if isinstance(error, ClientRequestError):
+        if isinstance(error, errors.ClientRejected):
             return self._backoff_max  # a 4xx will not heal quickly: retry slowly
         # Exponential with jitter, capped: clients that failed together do not retry in lockstep.
         exponent = min(retry_state.attempt_number - 1, 60)
@@ -452,18 +388,21 @@ class EventsClient:
         return min(self._backoff_max, self._backoff_initial * float(2**exponent) + jitter)
 
 
-def _status_error(response: _Response, excerpt: str | None) -> EventsApiError:
+def _status_error(response: _Response, excerpt: str | None) -> errors.ApiError:
     status = response.status
     if status in (401, 403):
-        return TokenRejected(f"HTTP {status}", status=status, excerpt=excerpt)
+        return errors.AuthRejected(f"HTTP {status}", status=status, body_excerpt=excerpt)
     if status == 429:
-        return RateLimited(
-            "HTTP 429", status=status, excerpt=excerpt, retry_after=parse_retry_after(response.retry_after)
+        return errors.RateLimited(
+            "HTTP 429",
+            status=status,
+            body_excerpt=excerpt,
+            retry_after=parse_retry_after(response.retry_after),
         )
     if status >= 500:
-        return ServerError(f"HTTP {status}", status=status, excerpt=excerpt)
+        return errors.ServerError(f"HTTP {status}", status=status, body_excerpt=excerpt)
     # Other 4xx, and 3xx too: redirects are never followed, so either means a configuration problem.
-    return ClientRequestError(f"HTTP {status}", status=status, excerpt=excerpt)
+    return errors.ClientRejected(f"HTTP {status}", status=status, body_excerpt=excerpt)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
@@ -502,7 +441,7 @@ def _decode_or_none(body: bytes) -> dict[str, Any] | None:
 def _decode(body: bytes, excerpt: str | None) -> dict[str, Any]:
     payload = _decode_or_none(body)
     if payload is None:
-        raise BadBody("the body is not a JSON object", status=200, excerpt=excerpt)
+        raise errors.BadBody("the body is not a JSON object", status=200, body_excerpt=excerpt)
     return payload
 
 

@@ -309,12 +309,12 @@ class _Scheduler:
         person = await self._broadcaster()
         try:
             payload = await client.fetch()
-        except (api_http.AuthRejected, api_http.RateLimited) as error:
+        except (errors.AuthRejected, errors.RateLimited) as error:
             wait = max(STATS_COOLDOWN.total_seconds(), error.retry_after or 0.0)
             log.warning("cb_stats_backing_off", kind=error.kind, status=error.status, seconds=int(wait))
             self.plan.stats = self.clock() + dt.timedelta(seconds=wait)
             return
-        except api_http.ApiCallError as error:
+        except errors.ApiError as error:
             log.warning("cb_stats_snapshot_failed", kind=error.kind, status=error.status)
             self.plan.stats = self.clock() + STATS_INTERVAL
             return
@@ -337,7 +337,7 @@ class _Scheduler:
             return
         try:
             payload = await client.model_info(self.broadcaster)
-        except api_http.NotFound:
+        except errors.NotFound:
             now = self.clock()
             await db.record_snapshot_miss(
                 self.pool,
@@ -348,10 +348,10 @@ class _Scheduler:
             )
             self.plan.model = now + NOT_FOUND_TTL
             return
-        except api_http.AuthRejected:
+        except errors.AuthRejected:
             self._pause_statbate()
             return
-        except api_http.ApiCallError as error:
+        except errors.ApiError as error:
             log.warning("statbate_model_snapshot_failed", kind=error.kind, status=error.status)
             self.plan.model = self.clock() + MODEL_RETRY
             return
@@ -401,10 +401,10 @@ class _Scheduler:
             return
         try:
             items = await client.member_info_batch([member.name for member in due])
-        except api_http.AuthRejected:
+        except errors.AuthRejected:
             self._pause_statbate()
             return
-        except api_http.ApiCallError as error:
+        except errors.ApiError as error:
             log.warning("statbate_member_batch_failed", kind=error.kind, status=error.status, names=len(due))
             self.plan.members = self.clock() + MEMBER_RETRY
             return

@@ -15,14 +15,14 @@ from urllib.parse import quote
 
 import aiohttp
 
-from daemon import api_http, config, logs
+from daemon import api_http, config, errors, logs
 
 API = "statbate"
 SITE = "chaturbate"
 MAX_BATCH = 100  # the documented ceiling of names per batch call
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_ATTEMPTS = 4
-RETRY_ON: tuple[type[api_http.ApiCallError], ...] = (api_http.RateLimited, *api_http.TRANSIENT)
+RETRY_ON: tuple[type[errors.ApiError], ...] = (errors.RateLimited, *api_http.TRANSIENT)
 
 
 @dataclass(frozen=True)
@@ -157,14 +157,14 @@ def _name(name: str) -> str:
 
 def _object_with_data(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
-        raise api_http.BadBody("the answer has no data object", status=200)
+        raise errors.BadBody("the answer has no data object", status=200)
     return body
 
 
 def _data_list(body: Any) -> list[dict[str, Any]]:
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-        raise api_http.BadBody("the batch answer has no data list", status=200)
+        raise errors.BadBody("the batch answer has no data list", status=200)
     return data
 
 

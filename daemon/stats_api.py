@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from daemon import api_http, config, logs
+from daemon import api_http, config, errors, logs
 
 API = "cb_stats"
 DEFAULT_TIMEOUT = 30.0
@@ -91,7 +91,7 @@ class StatsClient:
                 params={"username": self._username, "token": self._token},
             )
             if not isinstance(body, dict):
-                raise api_http.BadBody("the answer is not a JSON object", status=200)
+                raise errors.BadBody("the answer is not a JSON object", status=200)
             return body
 
         result: dict[str, Any] = await api_http.call(

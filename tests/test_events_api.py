@@ -577,7 +577,7 @@ async def test_the_token_never_leaks(captured_logs: io.StringIO) -> None:
         *(repr(page) for page in pages),
         *(str(page.next_url) for page in pages),
         *(repr(failure) for failure in failures),
-        *(str(events_api.EventsApiError(f"failed: {sim.events_url}")),),
+        *(str(errors.ApiError(f"failed: {sim.events_url}")),),
     ]
     for text in texts:
         for secret in secrets:

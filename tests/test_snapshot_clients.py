@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from daemon import api_http, db, logs, statbate_api, stats_api
+from daemon import db, errors, logs, statbate_api, stats_api
 from daemon.simulator import statbate as statbate_sim
 from daemon.simulator import stats as stats_sim
 
@@ -107,22 +107,22 @@ async def test_every_statbate_failure_kind(session: aiohttp.ClientSession, log_t
 
         # Kinds that are not retried: one attempt, one row.
         for kind, error in (
-            ("not_found", api_http.NotFound),
-            ("unauthorized", api_http.AuthRejected),
-            ("forbidden", api_http.AuthRejected),
-            ("http_4xx", api_http.ClientRejected),
+            ("not_found", errors.NotFound),
+            ("unauthorized", errors.AuthRejected),
+            ("forbidden", errors.AuthRejected),
+            ("http_4xx", errors.ClientRejected),
         ):
             sim.faults.add(kind)
             before = len(sim.recorder.requests)
             with pytest.raises(error):
                 await client.member_info("alice")
             assert len(sim.recorder.requests) == before + 1
-        with pytest.raises(api_http.NotFound):
+        with pytest.raises(errors.NotFound):
             await client.model_info("nobody")  # a real 404 {"error": "Model not found"}
 
         # Out of attempts: the last transient error surfaces.
         sim.faults.add("http_5xx", times=4, status=502)
-        with pytest.raises(api_http.ServerError):
+        with pytest.raises(errors.ServerError):
             await client.member_info("alice")
 
     assert set(failures.kinds) == {
@@ -152,7 +152,7 @@ async def test_wrong_statbate_token_is_auth_rejected(session: aiohttp.ClientSess
             on_failure=failures.record,
             sleep=failures.sleep,
         )
-        with pytest.raises(api_http.AuthRejected):
+        with pytest.raises(errors.AuthRejected):
             await client.member_info_batch(["alice"])
     assert [(row.error_kind, row.http_status) for row in failures.rows] == [("auth_rejected", 401)]
 
@@ -179,7 +179,7 @@ async def test_stats_client_shapes_and_failures(
         for kind in ("forbidden", "rate_limited"):
             sim.faults.add(kind, retry_after=600)
             before = len(sim.recorder.requests)
-            with pytest.raises((api_http.AuthRejected, api_http.RateLimited)):
+            with pytest.raises((errors.AuthRejected, errors.RateLimited)):
                 await client.fetch()
             assert len(sim.recorder.requests) == before + 1, f"{kind} is not retried inside the call"
         (request,) = sim.recorder.requests[:1]
