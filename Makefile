@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: venv lint types unit test test-storage demo bench chaos clean
 
@@ -29,6 +30,11 @@ test: lint types
 ## make test-storage: the storage tests again, against MHC_TEST_DATABASE_URL
 test-storage: $(STAMP)
 	$(BIN)/pytest -m storage $(PYTEST_ARGS)
+
+## make bench: the benchmarks (throughput vs the COPY limit, live latency, memory, start-up); a table and
+## bench/results.json. BENCH_ARGS=--quick for small sizes, --database-url URL for a server of your own.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
