@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--only", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
     )
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the daemons' logs and data in DIR")
     parser.add_argument(
         "--profile",
         type=Path,
@@ -161,6 +162,8 @@ async def _throughput(
         "events_per_second": run.events_per_second,
         "requests": run.requests,
         "daemon_cpu_seconds": run.daemon_cpu_seconds,
+        "postgres_cpu_seconds": run.postgres_cpu_seconds,
+        "bench_cpu_seconds": run.bench_cpu_seconds,
     }
     details["copy_limit"] = {
         "rows": best.rows,
@@ -174,7 +177,8 @@ async def _throughput(
         Figure(
             "end-to-end throughput",
             f"{run.events_per_second:,.0f} events/s ({run.events:,} in {run.seconds:.1f} s,"
-            f" daemon CPU {run.daemon_cpu_seconds:.1f} s)",
+            f" CPU s: daemon {run.daemon_cpu_seconds:.1f}, PostgreSQL {_seconds(run.postgres_cpu_seconds)},"
+            f" simulator {run.bench_cpu_seconds:.1f})",
             "",
             None,
             run.events_per_second,
@@ -230,6 +234,10 @@ async def _memory(
     ]
 
 
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
 def _say(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
@@ -250,8 +258,12 @@ def table(figures: list[Figure]) -> str:
 
 def main() -> int:
     args = _parser().parse_args()
-    with tempfile.TemporaryDirectory(prefix="mhc-bench-") as directory:
-        figures, details = asyncio.run(_run(args, Path(directory)))
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        figures, details = asyncio.run(_run(args, args.keep.resolve()))
+    else:
+        with tempfile.TemporaryDirectory(prefix="mhc-bench-") as directory:
+            figures, details = asyncio.run(_run(args, Path(directory)))
     details["figures"] = [figure.__dict__ for figure in figures]
     RESULTS.write_text(json.dumps(details, indent=2, default=str) + "\n", encoding="utf-8")
     facts = details["machine"]

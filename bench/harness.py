@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -178,12 +178,39 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
+def _stat_fields(pid: int | str) -> list[str]:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+        return stat.read().rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
+    """User plus system CPU time of a process so far (plus that of its children it has reaped)."""
+    fields = _stat_fields(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(server: str) -> float | None:
+    """CPU time the whole PostgreSQL server has used so far: the postmaster, the backends it has reaped and
+    those alive now. Only for a server whose data directory is its URL's socket directory (embedded)."""
+    socket_dir = parse_qs(urlsplit(server).query).get("host", [""])[0]
+    pid_file = Path(socket_dir) / "postmaster.pid"
+    if not socket_dir or not pid_file.exists():
+        return None
+    postmaster = pid_file.read_text(encoding="ascii").split()[0]
+    total = cpu_seconds(int(postmaster), with_children=True)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(entry.name)
+        except OSError:  # gone meanwhile
+            continue
+        if fields[1] == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def wait_for_cursor(

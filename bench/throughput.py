@@ -39,7 +39,9 @@ class EndToEnd:
     events: int
     seconds: float
     requests: int
-    daemon_cpu_seconds: float
+    daemon_cpu_seconds: float  # from its start to the last commit, so start-up is in it
+    postgres_cpu_seconds: float | None  # the whole server over the same span (embedded server only)
+    bench_cpu_seconds: float  # this process: the simulator serving pages, and the cursor polling
     database_url: str
 
     @property
@@ -67,9 +69,13 @@ async def end_to_end(
         env = harness.daemon_env(database_url, sim.base_url, work / "throughput-data")
         connection = await asyncpg.connect(database_url)
         try:
+            postgres_before = harness.postgres_cpu_seconds(databases.server)
+            bench_before = time.process_time()
             async with _daemon(env, work / "throughput.log", profile) as child:
                 last = await harness.wait_for_cursor(connection, backlog[-1]["id"], child, within=1800)
                 cpu = harness.cpu_seconds(child.process.pid)
+                bench_cpu = time.process_time() - bench_before
+                postgres_after = harness.postgres_cpu_seconds(databases.server)
             stored = int(await connection.fetchval("SELECT count(*) FROM events"))
         finally:
             await connection.close()
@@ -77,7 +83,12 @@ async def end_to_end(
         requests = sim.request_count
     if stored != len(backlog):
         raise RuntimeError(f"the daemon stored {stored} events of {len(backlog)}")
-    return EndToEnd(len(backlog), last - first, requests, cpu, database_url)
+    postgres_cpu = (
+        postgres_after - postgres_before
+        if postgres_after is not None and postgres_before is not None
+        else None
+    )
+    return EndToEnd(len(backlog), last - first, requests, cpu, postgres_cpu, bench_cpu, database_url)
 
 
 def _daemon(env: dict[str, str], log_path: Path, profile: Path | None) -> Any:
