@@ -39,7 +39,10 @@ from daemon import (
 log = logs.get_logger(__name__)
 T = TypeVar("T")
 
-HANDOFF_PAGES = 4  # pages fetched ahead of the writer; bounded so a stalled database stops polling
+HANDOFF_PAGES = 10  # pages fetched ahead of the writer; bounded so a stalled database stops polling
+# While a backlog drains, the writer takes every page already waiting (up to this many events) into one
+# transaction: the round trips per page, not PostgreSQL's work per row, bounded the drain (see bench/).
+MERGE_EVENTS = 1000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 WRITE_RETRY_MAX_SECONDS = 30.0
@@ -268,10 +271,10 @@ class Supervisor:
         """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end."""
         while True:
             if not handoff.empty():
-                await self._commit(pool, handoff.get_nowait())
+                await self._commit(pool, self._waiting_pages(handoff.get_nowait(), handoff))
             elif (spooled := self.disk_spool.next_page()) is not None:
                 end_offset, spooled_page = spooled
-                await self._commit(pool, spooled_page)
+                await self._commit(pool, [spooled_page])
                 self.disk_spool.committed(end_offset)
                 self._spool_gauge()
                 if not self.disk_spool.has_pages():
@@ -285,18 +288,34 @@ class Supervisor:
                     # Idle is healthy: the watchdog must not take it for a stall.
                     self.state.write_progress += 1
                     continue
-                await self._commit(pool, page)
+                await self._commit(pool, self._waiting_pages(page, handoff))
+
+    @staticmethod
+    def _waiting_pages(first: PageLike, handoff: asyncio.Queue[PageLike]) -> list[PageLike]:
+        """`first` and the pages queued behind it, up to `MERGE_EVENTS` events: one transaction for all."""
+        pages = [first]
+        events = len(first.events)
+        while not handoff.empty() and events < MERGE_EVENTS:
+            page = handoff.get_nowait()
+            pages.append(page)
+            events += len(page.events)
+        return pages
 
     def _spool_gauge(self) -> None:
         self.state.spool_bytes = self.disk_spool.pending_bytes
         metrics.SPOOL_BYTES.set(self.state.spool_bytes)
 
-    async def _commit(self, pool: db.Pool, page: PageLike) -> None:
-        batch = ingest.parse_page(
-            page.events,
-            broadcaster=self.settings.cb_username,
-            received_at=page.received_at,
-            next_event_id=page.next_event_id,
+    async def _commit(self, pool: db.Pool, pages: list[PageLike]) -> None:
+        batch = ingest.merge(
+            [
+                ingest.parse_page(
+                    page.events,
+                    broadcaster=self.settings.cb_username,
+                    received_at=page.received_at,
+                    next_event_id=page.next_event_id,
+                )
+                for page in pages
+            ]
         )
         write = self._retry_storage(
             "write_batch",
