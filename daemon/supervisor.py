@@ -46,7 +46,15 @@ MERGE_EVENTS = 1000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 WRITE_RETRY_MAX_SECONDS = 30.0
-STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
+STALL_MARGIN_SECONDS = 10.0
+# Once caught up, requests start at most this often: the client's 2,000 requests per minute spread evenly
+# (plus 5%). Unpaced, a busy live room (a request per event or two) used up the minute's allowance in ~10 s,
+# then waited ~50 s with events piling up (bench/latency.py). A full page (a backlog) is not paced: the
+# client's own limit then allows the burst.
+LIVE_POLL_SPACING = 60.0 / 2000 * 1.05
+FULL_PAGE = (
+    100  # events in a full Events API response  # beyond one long-poll, this long without progress is a stall
+)
 
 
 class PageLike(Protocol):
@@ -212,7 +220,9 @@ class Supervisor:
         url = client.start_url(position)
         log.info("polling_started", resume_from=position, spooled_bytes=self.disk_spool.pending_bytes)
         first = True
+        loop = asyncio.get_running_loop()
         while not self.stop.is_set():
+            started = loop.time()
             fetch = asyncio.ensure_future(client.fetch(url))
             stopped = asyncio.ensure_future(self.stop.wait())
             done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -229,6 +239,9 @@ class Supervisor:
             if not await self._hand_off(page, handoff):
                 break
             url = page.next_url or client.start_url(page.next_event_id)
+            pause = started + LIVE_POLL_SPACING - loop.time()
+            if len(page.events) < FULL_PAGE and pause > 0 and await self._wait_stop_exactly(pause):
+                break
 
     async def _hand_off(self, page: events_api.Page, handoff: asyncio.Queue[PageLike]) -> bool:
         """Give a page to the writer, or to the disk spool while the database is away; False once stopping.
@@ -382,6 +395,14 @@ class Supervisor:
         while (left := end - loop.time()) > 0:
             await asyncio.sleep(min(left, 1.0))
             self.state.poll_progress += 1
+
+    async def _wait_stop_exactly(self, seconds: float) -> bool:
+        """Wait `seconds` (no jitter: a pacing interval) for the stop event; True when it is set."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _wait_stop(self, seconds: float) -> bool:
         """Wait up to `seconds` (with a little jitter) for the stop event; True when it is set."""
