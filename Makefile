@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: venv lint types test test-storage demo clean
+.PHONY: venv lint types test test-storage demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,11 @@ test-storage: $(STAMP)
 ## make demo: the daemon against local simulators and a throw-away embedded PostgreSQL (no token, no server)
 demo: $(STAMP)
 	$(BIN)/mhc-daemon demo $(DEMO_ARGS)
+
+## make bench: the benchmarks (throughput vs the COPY limit, live latency, memory, start-up); a table and
+## bench/results.json. BENCH_ARGS=--quick for small sizes, --database-url URL for a server of your own.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache

@@ -421,7 +421,7 @@ async def _insert_events(
         [event.method for event in events],
         [event.broadcaster for event in events],
         [event.event_time for event in events],
-        batch.received_at,
+        batch.receipt_times(),
         [event.raw_json for event in events],
         normalize_username(cursor_broadcaster) if cursor_broadcaster is not None else None,
         batch.next_event_id,

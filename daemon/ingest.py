@@ -110,7 +110,8 @@ class Quarantined:
 
 @dataclass(frozen=True)
 class Batch:
-    """Everything one API response turns into; the writer stores it in one transaction."""
+    """Everything one API response (or several consecutive ones, see `merge`) turns into; the writer stores
+    it in one transaction."""
 
     events: list[StoredEvent]
     interactions: list[InteractionRow]
@@ -119,6 +120,14 @@ class Batch:
     unknown_methods: int
     next_event_id: str | None
     received_at: dt.datetime  # naive UTC
+    # Receipt time of each of `events` when they came in different responses; None: all at `received_at`.
+    events_received_at: list[dt.datetime] | None = None
+
+    def receipt_times(self) -> list[dt.datetime]:
+        """When each of `events` was received."""
+        if self.events_received_at is not None:
+            return self.events_received_at
+        return [self.received_at] * len(self.events)
 
 
 class _Unmappable(Exception):
@@ -407,4 +416,27 @@ def parse_page(
         unknown_methods=out.unknown,
         next_event_id=next_event_id,
         received_at=received,
+    )
+
+
+def merge(batches: list[Batch]) -> Batch:
+    """Consecutive responses' batches as one, in order, for a single transaction while a backlog drains.
+
+    Storing the merged batch stores what storing each in turn would: the first occurrence of a repeated id
+    wins (as within one page), sessions are walked in event order, every event keeps its own receipt time,
+    and the cursor ends after the last response that names a position (a null `nextUrl` keeps the previous).
+    """
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(
+        events=[event for batch in batches for event in batch.events],
+        interactions=[row for batch in batches for row in batch.interactions],
+        session_changes=[change for batch in batches for change in batch.session_changes],
+        quarantined=[item for batch in batches for item in batch.quarantined],
+        unknown_methods=sum(batch.unknown_methods for batch in batches),
+        next_event_id=next(
+            (batch.next_event_id for batch in reversed(batches) if batch.next_event_id is not None), None
+        ),
+        received_at=batches[-1].received_at,
+        events_received_at=[moment for batch in batches for moment in batch.receipt_times()],
     )

@@ -30,7 +30,8 @@ FROM api_failures ORDER BY occurred_at DESC LIMIT $1;
 SELECT broadcaster, last_event_id, timeout_seconds FROM ingest_cursor WHERE broadcaster = $1;
 
 -- name: insert_events
--- The raw events of one response and the read position after it ($7..$9), in one statement. The primary key
+-- The raw events of one or more consecutive responses, each with its receipt time ($5), and the read position
+-- after them ($7..$9), in one statement. The primary key
 -- is the idempotency point: a re-delivered event is not inserted and not returned. A response without a next
 -- id (nextUrl null) keeps the last committed position rather than forgetting it.
 WITH moved AS (
@@ -42,9 +43,9 @@ WITH moved AS (
     updated_at = NOW()
 )
 INSERT INTO events (event_id, method, broadcaster, event_time, received_at, raw)
-SELECT e.event_id, e.method, e.broadcaster, e.event_time, $5, e.raw::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $6::text[])
-  AS e(event_id, method, broadcaster, event_time, raw)
+SELECT e.event_id, e.method, e.broadcaster, e.event_time, e.received_at, e.raw::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
+  AS e(event_id, method, broadcaster, event_time, received_at, raw)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id;
 

