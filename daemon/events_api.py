@@ -9,7 +9,6 @@ hides it in its repr, and a `nextUrl` pointing anywhere but the configured origi
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime as dt
 import email.utils
 import json
@@ -207,25 +206,25 @@ def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
 
 
 class _RequestLimiter:
-    """At most `limit` requests in any `period` seconds. Times are logical: a wait counts as done."""
+    """At most `limit` requests per `period` seconds, spread evenly: consecutive requests are at least
+    `period / limit` apart. A sliding window would allow the whole allowance in a burst and then stall for
+    most of a period (a busy room answers every long-poll at once: 2000 requests in ~10 s, then ~50 s
+    without a poll, readiness gone stale and the latency at 50 s). Times are logical: a wait counts as done.
+    """
 
     def __init__(self, limit: int, period: float, sleep: Sleep) -> None:
-        self._limit = max(1, limit)
-        self._period = period
+        self._interval = period / max(1, limit)
         self._sleep = sleep
-        self._stamps: collections.deque[float] = collections.deque()
+        self._next_allowed: float | None = None
 
     async def acquire(self) -> None:
         now = time.monotonic()
-        while self._stamps and self._stamps[0] <= now - self._period:
-            self._stamps.popleft()
-        if len(self._stamps) >= self._limit:
-            wait = self._stamps[0] + self._period - now
-            log.info("events_request_limit_reached", wait_s=round(wait, 3))
+        if self._next_allowed is not None and now < self._next_allowed:
+            wait = self._next_allowed - now
+            log.debug("events_request_limit_reached", wait_s=round(wait, 3))
             await self._sleep(wait)
-            self._stamps.popleft()
-            now += wait
-        self._stamps.append(now)
+            now = self._next_allowed
+        self._next_allowed = now + self._interval
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -101,3 +102,147 @@ async def test_kill_9_at_20_random_moments_while_draining_100k_events(
         await connection.close()
     assert cursor == served[-1]["id"]
     chaos.assert_exactly(await chaos.stored_contents(url), expected, "kill -9 x20, 100k backlog")
+
+
+# -- PostgreSQL outages: the disk spool ----------------------------------------------------------------------
+
+
+async def _spool_status(http: aiohttp.ClientSession, base: str) -> tuple[float, int]:
+    """(mhc_spool_bytes from /metrics, spool_bytes from /status)."""
+    async with http.get(f"{base}/metrics") as response:
+        gauge = chaos.metric_value(await response.text(), "mhc_spool_bytes")
+    async with http.get(f"{base}/status") as response:
+        status = await response.json()
+    return gauge, int(status["spool_bytes"])
+
+
+async def _outage(
+    postgres: StoppablePostgres,
+    tmp_path: Path,
+    *,
+    label: str,
+    outage: float,
+    rate: float,
+    seconds_of_traffic: float,
+    spool_max_mb: int = 64,
+    ready_within: float | None = None,
+) -> list[dict[str, Any]]:
+    """Paced traffic; PostgreSQL really stopped for `outage` seconds mid-stream; then an exact check.
+
+    Returns the daemon's log records for scenario-specific checks.
+    """
+    served = traffic.generate(int(rate * seconds_of_traffic), seed=int(outage), shows=2)
+    expected = chaos.expected_contents(served)
+    url = await _migrated_database(postgres)
+    loop = asyncio.get_running_loop()
+    async with (
+        simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served, rate=rate) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        env = daemon_env(
+            database_url=url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            MHC_LOG_LEVEL="info",
+            MHC_SPOOL_MAX_MB=str(spool_max_mb),
+        )
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            base = await chaos.health_url(daemon)
+            connection = await asyncpg.connect(url)
+            await wait_for_count(connection, COUNT_EVENTS, at_least=int(rate * 3), within=60, process=daemon)
+            before = int(await connection.fetchval(COUNT_EVENTS))
+            await connection.close()
+            postgres.stop()
+            try:
+                stopped_at = loop.time()
+                probes = ready_probes = 0
+                gauge_peak, status_peak = 0.0, 0
+                while loop.time() - stopped_at < outage:
+                    assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+                    probes += 1
+                    ready_probes += await chaos.is_ready(http, base)
+                    gauge, status_bytes = await _spool_status(http, base)
+                    gauge_peak, status_peak = max(gauge_peak, gauge), max(status_peak, status_bytes)
+                    await asyncio.sleep(1.0)
+            finally:
+                postgres.start()
+            started_at = loop.time()
+            not_ready_body = ""
+            while not await chaos.is_ready(http, base):
+                assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+                async with http.get(f"{base}/readyz") as response:
+                    not_ready_body = await response.text()
+                await asyncio.sleep(0.1)
+            ready_after = loop.time() - started_at
+            connection = await asyncpg.connect(url)
+            await wait_for_count(
+                connection,
+                COUNT_EVENTS,
+                at_least=len(expected.event_ids),
+                within=seconds_of_traffic + outage + 120,
+                process=daemon,
+            )
+            await connection.close()
+            for _ in range(600):
+                if (await _spool_status(http, base))[1] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the spool was not drained within 60 s of the last event")
+            await _stop_cleanly(daemon)
+            records = chaos.log_records(daemon)
+    print(
+        f"[{label}] {before} events stored before the stop; {outage:.0f} s outage; {probes} probes, "
+        f"{ready_probes} ready; spool peak {status_peak} bytes; ready {ready_after:.1f} s after the start"
+    )
+    assert ready_probes == 0, "readiness must be false while the database is down"
+    assert gauge_peak > 0 and status_peak > 0, "no spool depth in /metrics and /status during the outage"
+    if ready_within is not None:
+        assert ready_after <= ready_within, f"not ready {ready_after:.1f} s after the start: {not_ready_body}"
+    assert not (tmp_path / "data" / "spool" / "pages.jsonl").exists()
+    events = [record.get("event") for record in records]
+    assert "spooling_to_disk" in events and "spool_drained" in events
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, label)
+    return records
+
+
+@pytest.mark.timeout(300)
+async def test_a_30_second_database_stop_loses_and_doubles_nothing(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    await _outage(
+        postgres,
+        tmp_path,
+        label="PostgreSQL stopped 30 s",
+        outage=30,
+        rate=200,
+        seconds_of_traffic=50,
+        ready_within=5.0,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_a_2_minute_database_outage_during_paced_traffic_stores_every_event_once(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    await _outage(
+        postgres, tmp_path, label="PostgreSQL stopped 2 min", outage=120, rate=100, seconds_of_traffic=135
+    )
+
+
+@pytest.mark.timeout(300)
+async def test_a_full_spool_pauses_polling_and_drops_nothing(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    records = await _outage(
+        postgres,
+        tmp_path,
+        label="spool full (1 MB)",
+        outage=20,
+        rate=300,
+        seconds_of_traffic=30,
+        spool_max_mb=1,
+    )
+    full = [record for record in records if record.get("event") == "spool_full_polling_paused"]
+    assert full and full[0]["level"] == "error" and full[0]["limit_mb"] == 1
