@@ -7,18 +7,22 @@ that was served, and prints its counts (visible with `pytest -s`). Excluded from
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import signal
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
-from daemon import migrations
+from daemon import logs, migrations
 from daemon.simulator import events as simulator
 from daemon.simulator import traffic
 from tests import chaos_support as chaos
@@ -246,3 +250,112 @@ async def test_a_full_spool_pauses_polling_and_drops_nothing(
     )
     full = [record for record in records if record.get("event") == "spool_full_polling_paused"]
     assert full and full[0]["level"] == "error" and full[0]["limit_mb"] == 1
+
+
+# -- an API fault storm --------------------------------------------------------------------------------------
+
+HANG_SECONDS = 16.0  # just past the daemon's read timeout with MHC_CB_EVENTS_TIMEOUT=0 (0 + its 15 s margin)
+
+
+class _Trap:
+    """A server on 127.0.0.1 that records every request: foreign nextUrls point here and must never arrive."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def _any(self, request: web.Request) -> web.Response:
+        self.requests.append(request.path_qs)
+        return web.json_response({"events": [], "nextUrl": None})
+
+    async def __aenter__(self) -> _Trap:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def _assert_token_nowhere(url: str, log_text: str, endpoints: dict[str, str]) -> None:
+    """The token is in no log line, no text or JSON column of any table, no endpoint; checked for real."""
+    for form in {TOKEN, quote(TOKEN, safe="")}:
+        assert form not in log_text
+        for path, text in endpoints.items():
+            assert form not in text, path
+        scanned, hits = await chaos.text_columns_containing(url, form)
+        assert scanned >= 20 and not hits, hits
+    # The scans looked where the token would be: failure rows and log lines carry the masked URL.
+    _, masked_rows = await chaos.text_columns_containing(url, f"/events/{BROADCASTER}/{logs.MASK}/")
+    assert masked_rows.get("api_failures.url", 0) > 0
+    assert f"/events/{BROADCASTER}/{logs.MASK}/" in log_text
+    print(
+        f"[security] token absent: {len(log_text)} log bytes, {scanned} text/JSON columns, {list(endpoints)}"
+    )
+
+
+@pytest.mark.timeout(600)
+async def test_an_api_fault_storm_over_50k_events(postgres: StoppablePostgres, tmp_path: Path) -> None:
+    built = traffic.build(50_000, seed=13, shows=3, malformed_rate=0.01)
+    rates = simulator.FaultRates(
+        server_error=0.10, rate_limited=0.05, hang=0.05, truncated=0.02, malformed=0.01, foreign_next_url=0.01
+    )
+    stored_ids = chaos.expected_contents(built.events).event_ids
+    url = await _migrated_database(postgres)
+    async with (
+        _Trap() as trap,
+        simulator.EventsSimulator(
+            username=BROADCASTER,
+            token=TOKEN,
+            events=built.events,
+            page_size=500,  # fewer requests: each hang costs the full 15 s read timeout
+            seed=53,  # its draws come close to the nominal mix (6 hangs in 127 requests), ~2 min
+            rates=rates,
+            hang_seconds=HANG_SECONDS,
+            foreign_base=trap.base_url,
+        ) as sim,
+    ):
+        env = daemon_env(
+            database_url=url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            timeout=0,
+            MHC_LOG_LEVEL="info",
+        )
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            base = await chaos.health_url(daemon)
+            connection = await asyncpg.connect(url)
+            try:
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(stored_ids), within=540, process=daemon
+                )
+                cursor = await connection.fetchval("SELECT last_event_id FROM ingest_cursor")
+            finally:
+                await connection.close()
+            listening = chaos.listening_addresses(daemon.process.pid)
+            endpoints = await chaos.endpoint_texts(base)
+            await _stop_cleanly(daemon)
+            log_text = daemon.log_text()
+    expected = chaos.expected_contents(built.events + sim.injected)
+    faults = Counter(request.fault for request in sim.requests)
+    print(f"[fault storm] {len(sim.requests)} requests, faults {dict(faults)}; {len(sim.injected)} injected")
+    assert all(
+        faults[kind] > 0 for kind in ("server_error", "rate_limited", "hang", "truncated", "malformed")
+    )
+    assert cursor == built.events[-1]["id"]
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "fault storm, 50k events")
+    assert len(expected.quarantined) >= len(built.malformed)
+    expected_failures = chaos.failures_expected_from(sim.requests)
+    stored_failures = await chaos.failures_stored(url)
+    print(f"[fault storm] api_failures expected {dict(expected_failures)}, stored {dict(stored_failures)}")
+    assert stored_failures == expected_failures
+    assert faults["foreign_next_url"] > 0 and trap.requests == [], "a foreign nextUrl was requested"
+    assert listening and all(ipaddress.ip_address(host).is_loopback for host in listening), listening
+    await _assert_token_nowhere(url, log_text, endpoints)
