@@ -359,3 +359,51 @@ async def test_an_api_fault_storm_over_50k_events(postgres: StoppablePostgres, t
     assert faults["foreign_next_url"] > 0 and trap.requests == [], "a foreign nextUrl was requested"
     assert listening and all(ipaddress.ip_address(host).is_loopback for host in listening), listening
     await _assert_token_nowhere(url, log_text, endpoints)
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_while_spooling_and_while_draining_loses_and_doubles_nothing(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    """Pages queued in memory when the database went away are spooled too, so a crash then loses none."""
+    rate, seconds = 300, 40
+    served = traffic.generate(rate * seconds, seed=77, shows=2)
+    expected = chaos.expected_contents(served)
+    url = await _migrated_database(postgres)
+    rng = random.Random(77)  # reproducible kill moments
+    log_path = tmp_path / "daemon.log"
+    spool_file = tmp_path / "data" / "spool" / "pages.jsonl"
+    async with simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served, rate=rate) as sim:
+        env = daemon_env(
+            database_url=url, events_base_url=sim.base_url, data_dir=tmp_path / "data", MHC_LOG_LEVEL="info"
+        )
+        connection = await asyncpg.connect(url)
+        async with running_daemon(env, log_path) as daemon:
+            await wait_for_count(connection, COUNT_EVENTS, at_least=rate * 3, within=60, process=daemon)
+            await connection.close()
+            postgres.stop()
+            try:
+                await asyncio.sleep(rng.uniform(4.0, 6.0))
+                await daemon.kill()  # while spooling
+            finally:
+                postgres.start()
+        spooled = spool_file.stat().st_size
+        async with running_daemon(env, log_path) as daemon:
+            await chaos.wait_for_log_event(daemon, "polling_started", count=2)
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            await daemon.kill()  # while draining (or just after: the spool is re-read either way)
+        connection = await asyncpg.connect(url)
+        try:
+            async with running_daemon(env, log_path) as daemon:
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=120, process=daemon
+                )
+                await chaos.wait_for_log_event(daemon, "spool_drained")
+                await _stop_cleanly(daemon)
+        finally:
+            await connection.close()
+    records = chaos.log_file_records(log_path)
+    carried = [record["uncommitted"] for record in records if record.get("event") == "spooling_to_disk"]
+    print(f"[kill -9 while spooling/draining] {spooled} spool bytes at the kill; in-memory pages {carried}")
+    assert spooled > 0 and not spool_file.exists()
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "kill -9 while spooling and draining")
