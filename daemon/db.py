@@ -61,11 +61,16 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     # InternalClientError: asyncpg's protocol state after the server killed the session mid-query.
+    # A server stop ends sessions with AdminShutdownError (a query under way) or ConnectionDoesNotExistError
+    # (a PostgresConnectionError): both mean "unreachable for now", never a failed statement.
     except (
         OSError,
         asyncpg.InterfaceError,
         asyncpg.InternalClientError,
         asyncpg.CannotConnectNowError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.AdminShutdownError,
+        asyncpg.CrashShutdownError,
         TimeoutError,
     ) as error:
         raise errors.DatabaseUnavailable(f"database unavailable: {type(error).__name__}: {error}") from error

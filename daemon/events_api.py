@@ -143,7 +143,9 @@ def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
 
 
 class _RequestLimiter:
-    """At most `limit` requests in any `period` seconds. Times are logical: a wait counts as done."""
+    """At most `limit` requests in any `period` seconds (the API's own rule: a backlog may use a whole
+    minute's allowance at once). The poller spaces requests once caught up, so a live room never burns it in a
+    burst. Times are logical: a wait counts as done."""
 
     def __init__(self, limit: int, period: float, sleep: Sleep) -> None:
         self._limit = max(1, limit)

@@ -32,6 +32,15 @@ class SpooledPage:
     received_at: dt.datetime
 
 
+def _line(page: SpooledPage) -> bytes:
+    record = {
+        "events": page.events,
+        "next_event_id": page.next_event_id,
+        "received_at": page.received_at.isoformat(),
+    }
+    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
 class SpoolFull(errors.DaemonError):
     """The disk spool reached MHC_SPOOL_MAX_MB; polling waits until the database takes pages again."""
 
@@ -63,23 +72,26 @@ class Spool:
 
     def append(self, page: SpooledPage) -> None:
         """Append one page durably; raises SpoolFull (and writes nothing) when the limit would be passed."""
-        line = (
-            json.dumps(
-                {
-                    "events": page.events,
-                    "next_event_id": page.next_event_id,
-                    "received_at": page.received_at.isoformat(),
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n"
-        )
-        if self.size + len(line) > self.max_bytes:
+        self.append_many([page])
+
+    def append_many(self, pages: list[SpooledPage]) -> None:
+        """Append pages in order, all or none, with one fsync; SpoolFull (nothing written) past the limit."""
+        data = b"".join(_line(page) for page in pages)
+        if self.size + len(data) > self.max_bytes:
             raise SpoolFull
+        created = not self.path.exists()
         with self.path.open("ab") as handle:
-            handle.write(line)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if created:
+            # A new file's name is durable only once its directory is: fsync it, or a power cut could
+            # forget the whole file while the position already moved past its pages.
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def last_position(self) -> str | None:
         """The read position after the newest spooled page (where polling resumes), or None when empty."""

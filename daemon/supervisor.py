@@ -9,6 +9,7 @@ crash at any instant re-reads, and the writer's idempotency turns re-reads into 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import random
@@ -77,6 +78,9 @@ class Supervisor:
     auth_retry_seconds: float = 300.0
     backoff_max: float = 60.0
     disk_spool: spool.Spool = field(init=False)
+    # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
+    # spool first, so the spool always begins at or before the committed cursor and a crash loses none.
+    _in_memory: collections.deque[PageLike] = field(init=False, default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         self.disk_spool = spool.Spool(
@@ -218,6 +222,7 @@ class Supervisor:
             )
             position = cursor.last_event_id if cursor else None
         url = client.start_url(position)
+        self._spool_gauge()
         log.info("polling_started", resume_from=position, spooled_bytes=self.disk_spool.pending_bytes)
         first = True
         loop = asyncio.get_running_loop()
@@ -251,15 +256,21 @@ class Supervisor:
         full_logged = False
         while True:
             if self.state.database_up and not self.disk_spool.has_pages():
+                # Listed before the put: the writer may take and commit the page before this task resumes.
+                self._in_memory.append(page)
                 try:
                     await asyncio.wait_for(handoff.put(page), timeout=1.0)
                     return True
                 except TimeoutError:
+                    self._in_memory.pop()  # not queued (wait_for never returns a put that happened)
                     self.state.poll_progress += 1  # waiting for the writer (back-pressure) is not a stall
                     continue
+            was_empty = not self.disk_spool.has_pages()
+            # Uncommitted pages in memory are older than this one: spooled first (the writer still commits
+            # them from the queue; their second write from the spool is a harmless "duplicates skipped").
+            pages = [*self._in_memory, page] if was_empty else [page]
             try:
-                was_empty = not self.disk_spool.has_pages()
-                self.disk_spool.append(spool.SpooledPage(page.events, page.next_event_id, page.received_at))
+                self.disk_spool.append_many([_spooled(item) for item in pages])
             except spool.SpoolFull:
                 if not full_logged:
                     log.error(
@@ -274,7 +285,7 @@ class Supervisor:
                     return False
                 continue
             if was_empty:
-                log.warning("spooling_to_disk", path=str(self.disk_spool.path))
+                log.warning("spooling_to_disk", path=str(self.disk_spool.path), uncommitted=len(pages) - 1)
             self._spool_gauge()
             return True
 
@@ -284,7 +295,7 @@ class Supervisor:
         """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end."""
         while True:
             if not handoff.empty():
-                await self._commit(pool, self._waiting_pages(handoff.get_nowait(), handoff))
+                await self._commit_queued(pool, self._waiting_pages(handoff.get_nowait(), handoff))
             elif (spooled := self.disk_spool.next_page()) is not None:
                 end_offset, spooled_page = spooled
                 await self._commit(pool, [spooled_page])
@@ -301,7 +312,13 @@ class Supervisor:
                     # Idle is healthy: the watchdog must not take it for a stall.
                     self.state.write_progress += 1
                     continue
-                await self._commit(pool, self._waiting_pages(page, handoff))
+                await self._commit_queued(pool, self._waiting_pages(page, handoff))
+
+    async def _commit_queued(self, pool: db.Pool, pages: list[PageLike]) -> None:
+        await self._commit(pool, pages)
+        for page in pages:
+            if self._in_memory and self._in_memory[0] is page:
+                self._in_memory.popleft()
 
     @staticmethod
     def _waiting_pages(first: PageLike, handoff: asyncio.Queue[PageLike]) -> list[PageLike]:
@@ -405,3 +422,7 @@ class Supervisor:
         except TimeoutError:
             return False
         return True
+
+
+def _spooled(page: PageLike) -> spool.SpooledPage:
+    return spool.SpooledPage(page.events, page.next_event_id, page.received_at)

@@ -1,0 +1,409 @@
+"""The chaos suite (`make chaos`): the real daemon process, a PostgreSQL that really stops, the simulator.
+
+Each scenario ends with an exact check of the database against what the ingest rules make of the traffic
+that was served, and prints its counts (visible with `pytest -s`). Excluded from `make test` (marker `chaos`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import signal
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from daemon import logs, migrations
+from daemon.simulator import events as simulator
+from daemon.simulator import traffic
+from tests import chaos_support as chaos
+from tests.daemon_process import BROADCASTER, TOKEN, daemon_env, running_daemon, wait_for_count
+from tests.stoppable_postgres import StoppablePostgres, stoppable_postgres
+
+pytestmark = pytest.mark.chaos
+
+COUNT_EVENTS = "SELECT count(*) FROM events"
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[StoppablePostgres]:
+    # Not under pytest's tmp dirs: pytest may close their modes to 0700, which the server's own user needs.
+    with (
+        tempfile.TemporaryDirectory(prefix="mhc-chaos-pg-") as directory,
+        stoppable_postgres(Path(directory) / "server") as server,
+    ):
+        yield server
+
+
+async def _migrated_database(postgres: StoppablePostgres) -> str:
+    url = await postgres.create_database()
+    connection = await asyncpg.connect(url)
+    try:
+        await migrations.migrate(connection)
+    finally:
+        await connection.close()
+    return url
+
+
+async def _stop_cleanly(daemon: Any) -> None:
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait(within=60) == 0, daemon.log_text()[-3000:]
+
+
+# -- kill -9 while draining a backlog ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)
+async def test_kill_9_at_20_random_moments_while_draining_100k_events(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    total = 100_000
+    served = traffic.generate(total, seed=61, shows=4)
+    expected = chaos.expected_contents(served)
+    url = await _migrated_database(postgres)
+    rng = random.Random(6)  # reproducible kill moments
+    thresholds = sorted(rng.sample(range(1_000, total - 5_000), 20))  # the last kills still mid-drain
+    log_path = tmp_path / "daemon.log"
+    connection = await asyncpg.connect(url)
+    try:
+        async with simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served) as sim:
+            env = daemon_env(
+                database_url=url,
+                events_base_url=sim.base_url,
+                data_dir=tmp_path / "data",
+                MHC_LOG_LEVEL="info",
+            )
+            runs = 0
+            for threshold in thresholds:
+                async with running_daemon(env, log_path) as daemon:
+                    runs += 1
+                    await chaos.wait_for_log_event(daemon, "polling_started", count=runs)
+                    # Mid-drain: at the threshold, and at least one commit into this run.
+                    started_with = int(await connection.fetchval(COUNT_EVENTS))
+                    target = min(max(threshold, started_with + 1), total)
+                    await wait_for_count(
+                        connection, COUNT_EVENTS, at_least=target, within=300, process=daemon
+                    )
+                    # A random instant after it: mid-fetch, mid-transaction or between the two.
+                    await asyncio.sleep(rng.uniform(0.0, 0.25))
+                    await daemon.kill()
+                print(f"[kill -9] killed with {await connection.fetchval(COUNT_EVENTS)} events stored")
+            async with running_daemon(env, log_path) as daemon:
+                await wait_for_count(connection, COUNT_EVENTS, at_least=total, within=300, process=daemon)
+                await chaos.wait_for_log_event(daemon, "polling_started", count=runs + 1)
+                await _stop_cleanly(daemon)
+            cursor = await connection.fetchval("SELECT last_event_id FROM ingest_cursor")
+    finally:
+        await connection.close()
+    assert cursor == served[-1]["id"]
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "kill -9 x20, 100k backlog")
+
+
+# -- PostgreSQL outages: the disk spool ----------------------------------------------------------------------
+
+
+async def _spool_status(http: aiohttp.ClientSession, base: str) -> tuple[float, int]:
+    """(mhc_spool_bytes from /metrics, spool_bytes from /status)."""
+    async with http.get(f"{base}/metrics") as response:
+        gauge = chaos.metric_value(await response.text(), "mhc_spool_bytes")
+    async with http.get(f"{base}/status") as response:
+        status = await response.json()
+    return gauge, int(status["spool_bytes"])
+
+
+async def _outage(
+    postgres: StoppablePostgres,
+    tmp_path: Path,
+    *,
+    label: str,
+    outage: float,
+    rate: float,
+    seconds_of_traffic: float,
+    spool_max_mb: int = 64,
+    ready_within: float | None = None,
+) -> list[dict[str, Any]]:
+    """Paced traffic; PostgreSQL really stopped for `outage` seconds mid-stream; then an exact check.
+
+    Returns the daemon's log records for scenario-specific checks.
+    """
+    served = traffic.generate(int(rate * seconds_of_traffic), seed=int(outage), shows=2)
+    expected = chaos.expected_contents(served)
+    url = await _migrated_database(postgres)
+    loop = asyncio.get_running_loop()
+    async with (
+        simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served, rate=rate) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        env = daemon_env(
+            database_url=url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            MHC_LOG_LEVEL="info",
+            MHC_SPOOL_MAX_MB=str(spool_max_mb),
+        )
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            base = await chaos.health_url(daemon)
+            connection = await asyncpg.connect(url)
+            await wait_for_count(connection, COUNT_EVENTS, at_least=int(rate * 3), within=60, process=daemon)
+            before = int(await connection.fetchval(COUNT_EVENTS))
+            await connection.close()
+            postgres.stop()
+            try:
+                stopped_at = loop.time()
+                probes = ready_probes = 0
+                gauge_peak, status_peak = 0.0, 0
+                while loop.time() - stopped_at < outage:
+                    assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+                    probes += 1
+                    ready_probes += await chaos.is_ready(http, base)
+                    gauge, status_bytes = await _spool_status(http, base)
+                    gauge_peak, status_peak = max(gauge_peak, gauge), max(status_peak, status_bytes)
+                    await asyncio.sleep(1.0)
+            finally:
+                postgres.start()
+            started_at = loop.time()
+            not_ready_body = ""
+            while not await chaos.is_ready(http, base):
+                assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+                async with http.get(f"{base}/readyz") as response:
+                    not_ready_body = await response.text()
+                await asyncio.sleep(0.1)
+            ready_after = loop.time() - started_at
+            connection = await asyncpg.connect(url)
+            await wait_for_count(
+                connection,
+                COUNT_EVENTS,
+                at_least=len(expected.event_ids),
+                within=seconds_of_traffic + outage + 120,
+                process=daemon,
+            )
+            await connection.close()
+            for _ in range(600):
+                if (await _spool_status(http, base))[1] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the spool was not drained within 60 s of the last event")
+            await _stop_cleanly(daemon)
+            records = chaos.log_records(daemon)
+    print(
+        f"[{label}] {before} events stored before the stop; {outage:.0f} s outage; {probes} probes, "
+        f"{ready_probes} ready; spool peak {status_peak} bytes; ready {ready_after:.1f} s after the start"
+    )
+    assert ready_probes == 0, "readiness must be false while the database is down"
+    assert gauge_peak > 0 and status_peak > 0, "no spool depth in /metrics and /status during the outage"
+    if ready_within is not None:
+        assert ready_after <= ready_within, f"not ready {ready_after:.1f} s after the start: {not_ready_body}"
+    assert not (tmp_path / "data" / "spool" / "pages.jsonl").exists()
+    events = [record.get("event") for record in records]
+    assert "spooling_to_disk" in events and "spool_drained" in events
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, label)
+    return records
+
+
+@pytest.mark.timeout(300)
+async def test_a_30_second_database_stop_loses_and_doubles_nothing(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    await _outage(
+        postgres,
+        tmp_path,
+        label="PostgreSQL stopped 30 s",
+        outage=30,
+        rate=200,
+        seconds_of_traffic=50,
+        ready_within=5.0,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_a_2_minute_database_outage_during_paced_traffic_stores_every_event_once(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    await _outage(
+        postgres, tmp_path, label="PostgreSQL stopped 2 min", outage=120, rate=100, seconds_of_traffic=135
+    )
+
+
+@pytest.mark.timeout(300)
+async def test_a_full_spool_pauses_polling_and_drops_nothing(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    records = await _outage(
+        postgres,
+        tmp_path,
+        label="spool full (1 MB)",
+        outage=20,
+        rate=300,
+        seconds_of_traffic=30,
+        spool_max_mb=1,
+    )
+    full = [record for record in records if record.get("event") == "spool_full_polling_paused"]
+    assert full and full[0]["level"] == "error" and full[0]["limit_mb"] == 1
+
+
+# -- an API fault storm --------------------------------------------------------------------------------------
+
+HANG_SECONDS = 16.0  # just past the daemon's read timeout with MHC_CB_EVENTS_TIMEOUT=0 (0 + its 15 s margin)
+
+
+class _Trap:
+    """A server on 127.0.0.1 that records every request: foreign nextUrls point here and must never arrive."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def _any(self, request: web.Request) -> web.Response:
+        self.requests.append(request.path_qs)
+        return web.json_response({"events": [], "nextUrl": None})
+
+    async def __aenter__(self) -> _Trap:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._any)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def _assert_token_nowhere(url: str, log_text: str, endpoints: dict[str, str]) -> None:
+    """The token is in no log line, no text or JSON column of any table, no endpoint; checked for real."""
+    for form in {TOKEN, quote(TOKEN, safe="")}:
+        assert form not in log_text
+        for path, text in endpoints.items():
+            assert form not in text, path
+        scanned, hits = await chaos.text_columns_containing(url, form)
+        assert scanned >= 20 and not hits, hits
+    # The scans looked where the token would be: failure rows and log lines carry the masked URL.
+    _, masked_rows = await chaos.text_columns_containing(url, f"/events/{BROADCASTER}/{logs.MASK}/")
+    assert masked_rows.get("api_failures.url", 0) > 0
+    assert f"/events/{BROADCASTER}/{logs.MASK}/" in log_text
+    print(
+        f"[security] token absent: {len(log_text)} log bytes, {scanned} text/JSON columns, {list(endpoints)}"
+    )
+
+
+@pytest.mark.timeout(600)
+async def test_an_api_fault_storm_over_50k_events(postgres: StoppablePostgres, tmp_path: Path) -> None:
+    built = traffic.build(50_000, seed=13, shows=3, malformed_rate=0.01)
+    rates = simulator.FaultRates(
+        server_error=0.10, rate_limited=0.05, hang=0.05, truncated=0.02, malformed=0.01, foreign_next_url=0.01
+    )
+    stored_ids = chaos.expected_contents(built.events).event_ids
+    url = await _migrated_database(postgres)
+    async with (
+        _Trap() as trap,
+        simulator.EventsSimulator(
+            username=BROADCASTER,
+            token=TOKEN,
+            events=built.events,
+            page_size=500,  # fewer requests: each hang costs the full 15 s read timeout
+            seed=53,  # its draws come close to the nominal mix (6 hangs in 127 requests), ~2 min
+            rates=rates,
+            hang_seconds=HANG_SECONDS,
+            foreign_base=trap.base_url,
+        ) as sim,
+    ):
+        env = daemon_env(
+            database_url=url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            timeout=0,
+            MHC_LOG_LEVEL="info",
+        )
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            base = await chaos.health_url(daemon)
+            connection = await asyncpg.connect(url)
+            try:
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(stored_ids), within=540, process=daemon
+                )
+                cursor = await connection.fetchval("SELECT last_event_id FROM ingest_cursor")
+            finally:
+                await connection.close()
+            listening = chaos.listening_addresses(daemon.process.pid)
+            endpoints = await chaos.endpoint_texts(base)
+            await _stop_cleanly(daemon)
+            log_text = daemon.log_text()
+    expected = chaos.expected_contents(built.events + sim.injected)
+    faults = Counter(request.fault for request in sim.requests)
+    print(f"[fault storm] {len(sim.requests)} requests, faults {dict(faults)}; {len(sim.injected)} injected")
+    assert all(
+        faults[kind] > 0 for kind in ("server_error", "rate_limited", "hang", "truncated", "malformed")
+    )
+    assert cursor == built.events[-1]["id"]
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "fault storm, 50k events")
+    assert len(expected.quarantined) >= len(built.malformed)
+    expected_failures = chaos.failures_expected_from(sim.requests)
+    stored_failures = await chaos.failures_stored(url)
+    print(f"[fault storm] api_failures expected {dict(expected_failures)}, stored {dict(stored_failures)}")
+    assert stored_failures == expected_failures
+    assert faults["foreign_next_url"] > 0 and trap.requests == [], "a foreign nextUrl was requested"
+    assert listening and all(ipaddress.ip_address(host).is_loopback for host in listening), listening
+    await _assert_token_nowhere(url, log_text, endpoints)
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_while_spooling_and_while_draining_loses_and_doubles_nothing(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    """Pages queued in memory when the database went away are spooled too, so a crash then loses none."""
+    rate, seconds = 300, 40
+    served = traffic.generate(rate * seconds, seed=77, shows=2)
+    expected = chaos.expected_contents(served)
+    url = await _migrated_database(postgres)
+    rng = random.Random(77)  # reproducible kill moments
+    log_path = tmp_path / "daemon.log"
+    spool_file = tmp_path / "data" / "spool" / "pages.jsonl"
+    async with simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served, rate=rate) as sim:
+        env = daemon_env(
+            database_url=url, events_base_url=sim.base_url, data_dir=tmp_path / "data", MHC_LOG_LEVEL="info"
+        )
+        connection = await asyncpg.connect(url)
+        async with running_daemon(env, log_path) as daemon:
+            await wait_for_count(connection, COUNT_EVENTS, at_least=rate * 3, within=60, process=daemon)
+            await connection.close()
+            postgres.stop()
+            try:
+                await asyncio.sleep(rng.uniform(4.0, 6.0))
+                await daemon.kill()  # while spooling
+            finally:
+                postgres.start()
+        spooled = spool_file.stat().st_size
+        async with running_daemon(env, log_path) as daemon:
+            await chaos.wait_for_log_event(daemon, "polling_started", count=2)
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            await daemon.kill()  # while draining (or just after: the spool is re-read either way)
+        connection = await asyncpg.connect(url)
+        try:
+            async with running_daemon(env, log_path) as daemon:
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=120, process=daemon
+                )
+                await chaos.wait_for_log_event(daemon, "spool_drained")
+                await _stop_cleanly(daemon)
+        finally:
+            await connection.close()
+    records = chaos.log_file_records(log_path)
+    carried = [record["uncommitted"] for record in records if record.get("event") == "spooling_to_disk"]
+    print(f"[kill -9 while spooling/draining] {spooled} spool bytes at the kill; in-memory pages {carried}")
+    assert spooled > 0 and not spool_file.exists()
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "kill -9 while spooling and draining")
