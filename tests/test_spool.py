@@ -68,3 +68,14 @@ def test_full_spool_refuses_and_writes_nothing(tmp_path: Path) -> None:
             queue.append(_page(number))
     assert queue.size <= 400
     assert queue.size >= size
+
+
+def test_several_pages_go_in_together_or_not_at_all(tmp_path: Path) -> None:
+    """The pages still in memory when spooling starts are appended with the new one in one write."""
+    queue = spool.Spool(tmp_path, max_bytes=400)
+    with pytest.raises(spool.SpoolFull):
+        queue.append_many([_page(0), _page(1), _page(2), _page(3)])
+    assert queue.size == 0 and not queue.has_pages()
+    queue.append_many([_page(0), _page(1)])
+    assert queue.last_position() == "1755376889001-0"
+    assert queue.next_page() == (queue.size // 2, _page(0))
