@@ -360,6 +360,9 @@ def _room(payload: dict[str, Any], configured: str) -> str:
     name = (normalize_name(value) if isinstance(value, str) else "") or configured
     if len(name) > NAME_MAX:
         raise _Unmappable(f"broadcaster longer than {NAME_MAX} characters")
+    # The configured fallback is not part of the raw event, so the raw text's NUL/surrogate check missed it.
+    if name and not _storable(name, NAME_MAX):
+        raise _Unmappable("broadcaster name PostgreSQL cannot store")
     return name
 
 
