@@ -241,7 +241,6 @@ async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[ApiFa
 # Events API ingestion: the cursor and the one-transaction-per-response writer.
 
 log = logs.get_logger(__name__)
-_JSON = json.JSONEncoder(ensure_ascii=False)  # ingest already proved every value storable
 
 
 @dataclass(frozen=True)
@@ -492,7 +491,7 @@ async def _derive(connection: Connection, batch: ingest.Batch, fresh: list[inges
         [row.type for row in interactions],
         [row.content for row in interactions],
         [row.timestamp for row in interactions],
-        [_JSON.encode(row.metadata) for row in interactions],
+        [row.metadata_json for row in interactions],
     )
     sessions.interactions = _row_count(status)
     return sessions

@@ -87,6 +87,7 @@ class InteractionRow:
     content: str
     timestamp: dt.datetime  # naive UTC
     metadata: dict[str, Any]
+    metadata_json: str  # `metadata` encoded once, here, off the writer's turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +393,9 @@ def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> 
     username, kind, content = _map(method, payload, metadata, broadcaster)
     role = "MODEL" if username == broadcaster else "VIEWER"
     out.events.append(StoredEvent(event_id, method, broadcaster, at, item, raw_json))
-    out.interactions.append(InteractionRow(event_id, username, role, kind, content, at, metadata))
+    out.interactions.append(
+        InteractionRow(event_id, username, role, kind, content, at, metadata, _ENCODER.encode(metadata))
+    )
     change = _BROADCAST_METHODS.get(method)
     if change is not None:
         out.session_changes.append(SessionChange(event_id, change[2], broadcaster, at))

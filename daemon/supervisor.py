@@ -16,7 +16,7 @@ import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -47,26 +47,24 @@ MERGE_EVENTS = 1000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 WRITE_RETRY_MAX_SECONDS = 30.0
-STALL_MARGIN_SECONDS = 10.0
+STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
 # Once caught up, requests start at most this often: the client's 2,000 requests per minute spread evenly
 # (plus 5%). Unpaced, a busy live room (a request per event or two) used up the minute's allowance in ~10 s,
 # then waited ~50 s with events piling up (bench/latency.py). A full page (a backlog) is not paced: the
 # client's own limit then allows the burst.
 LIVE_POLL_SPACING = 60.0 / 2000 * 1.05
-FULL_PAGE = (
-    100  # events in a full Events API response  # beyond one long-poll, this long without progress is a stall
-)
+FULL_PAGE = 100  # events in a full Events API response
 
 
-class PageLike(Protocol):
-    """A fetched page or a spooled one: what the writer needs of either."""
+@dataclass(frozen=True)
+class ParsedPage:
+    """A fetched or spooled page with its events already sorted into rows (`batch`): the poller parses while
+    the writer waits on PostgreSQL, so the writer's turn is database work only."""
 
-    @property
-    def events(self) -> list[Any]: ...
-    @property
-    def next_event_id(self) -> str | None: ...
-    @property
-    def received_at(self) -> dt.datetime: ...
+    events: list[Any]
+    next_event_id: str | None
+    received_at: dt.datetime
+    batch: ingest.Batch
 
 
 @dataclass
@@ -80,7 +78,7 @@ class Supervisor:
     disk_spool: spool.Spool = field(init=False)
     # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
     # spool first, so the spool always begins at or before the committed cursor and a crash loses none.
-    _in_memory: collections.deque[PageLike] = field(init=False, default_factory=collections.deque)
+    _in_memory: collections.deque[ParsedPage] = field(init=False, default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         self.disk_spool = spool.Spool(
@@ -141,7 +139,7 @@ class Supervisor:
             auth_retry_seconds=self.auth_retry_seconds,
             sleep=self._poll_sleep,
         )
-        handoff: asyncio.Queue[PageLike] = asyncio.Queue(maxsize=HANDOFF_PAGES)
+        handoff: asyncio.Queue[ParsedPage] = asyncio.Queue(maxsize=HANDOFF_PAGES)
         tasks = asyncio.ensure_future(self._task_group(pool, session, client, handoff))
         stopped = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait({tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -163,7 +161,7 @@ class Supervisor:
         pool: db.Pool,
         session: aiohttp.ClientSession,
         client: events_api.EventsClient,
-        handoff: asyncio.Queue[PageLike],
+        handoff: asyncio.Queue[ParsedPage],
     ) -> None:
         settings = self.settings
         async with asyncio.TaskGroup() as group:
@@ -210,7 +208,7 @@ class Supervisor:
         return record
 
     async def _poll(
-        self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[PageLike]
+        self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[ParsedPage]
     ) -> None:
         """Fetch pages from the last committed position onwards until told to stop."""
         if self.disk_spool.has_pages():
@@ -241,14 +239,14 @@ class Supervisor:
             if first:
                 systemd.ready()
                 first = False
-            if not await self._hand_off(page, handoff):
+            if not await self._hand_off(self._parsed(page), handoff):
                 break
             url = page.next_url or client.start_url(page.next_event_id)
             pause = started + LIVE_POLL_SPACING - loop.time()
             if len(page.events) < FULL_PAGE and pause > 0 and await self._wait_stop_exactly(pause):
                 break
 
-    async def _hand_off(self, page: events_api.Page, handoff: asyncio.Queue[PageLike]) -> bool:
+    async def _hand_off(self, page: ParsedPage, handoff: asyncio.Queue[ParsedPage]) -> bool:
         """Give a page to the writer, or to the disk spool while the database is away; False once stopping.
 
         Pages go to the spool whenever it already holds some, so that they are always committed in order.
@@ -290,7 +288,7 @@ class Supervisor:
             return True
 
     async def _write(
-        self, pool: db.Pool, handoff: asyncio.Queue[PageLike], poller: asyncio.Task[None]
+        self, pool: db.Pool, handoff: asyncio.Queue[ParsedPage], poller: asyncio.Task[None]
     ) -> None:
         """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end."""
         while True:
@@ -298,7 +296,7 @@ class Supervisor:
                 await self._commit_queued(pool, self._waiting_pages(handoff.get_nowait(), handoff))
             elif (spooled := self.disk_spool.next_page()) is not None:
                 end_offset, spooled_page = spooled
-                await self._commit(pool, [spooled_page])
+                await self._commit(pool, [self._parsed(spooled_page)])
                 self.disk_spool.committed(end_offset)
                 self._spool_gauge()
                 if not self.disk_spool.has_pages():
@@ -314,14 +312,14 @@ class Supervisor:
                     continue
                 await self._commit_queued(pool, self._waiting_pages(page, handoff))
 
-    async def _commit_queued(self, pool: db.Pool, pages: list[PageLike]) -> None:
+    async def _commit_queued(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
         await self._commit(pool, pages)
         for page in pages:
             if self._in_memory and self._in_memory[0] is page:
                 self._in_memory.popleft()
 
     @staticmethod
-    def _waiting_pages(first: PageLike, handoff: asyncio.Queue[PageLike]) -> list[PageLike]:
+    def _waiting_pages(first: ParsedPage, handoff: asyncio.Queue[ParsedPage]) -> list[ParsedPage]:
         """`first` and the pages queued behind it, up to `MERGE_EVENTS` events: one transaction for all."""
         pages = [first]
         events = len(first.events)
@@ -335,18 +333,17 @@ class Supervisor:
         self.state.spool_bytes = self.disk_spool.pending_bytes
         metrics.SPOOL_BYTES.set(self.state.spool_bytes)
 
-    async def _commit(self, pool: db.Pool, pages: list[PageLike]) -> None:
-        batch = ingest.merge(
-            [
-                ingest.parse_page(
-                    page.events,
-                    broadcaster=self.settings.cb_username,
-                    received_at=page.received_at,
-                    next_event_id=page.next_event_id,
-                )
-                for page in pages
-            ]
+    def _parsed(self, page: events_api.Page | spool.SpooledPage) -> ParsedPage:
+        batch = ingest.parse_page(
+            page.events,
+            broadcaster=self.settings.cb_username,
+            received_at=page.received_at,
+            next_event_id=page.next_event_id,
         )
+        return ParsedPage(page.events, page.next_event_id, page.received_at, batch)
+
+    async def _commit(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
+        batch = ingest.merge([page.batch for page in pages])
         write = self._retry_storage(
             "write_batch",
             lambda: db.write_batch(
@@ -424,5 +421,5 @@ class Supervisor:
         return True
 
 
-def _spooled(page: PageLike) -> spool.SpooledPage:
+def _spooled(page: ParsedPage) -> spool.SpooledPage:
     return spool.SpooledPage(page.events, page.next_event_id, page.received_at)
