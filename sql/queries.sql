@@ -29,19 +29,28 @@ FROM api_failures ORDER BY occurred_at DESC LIMIT $1;
 -- name: load_cursor
 SELECT broadcaster, last_event_id, timeout_seconds FROM ingest_cursor WHERE broadcaster = $1;
 
+-- name: move_cursor
+-- The read position after the responses of this transaction. A response without a next id (nextUrl null)
+-- keeps the last committed position rather than forgetting it.
+INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
+VALUES ($1, $2, $3, NOW())
+ON CONFLICT (broadcaster) DO UPDATE SET
+  last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
+  timeout_seconds = EXCLUDED.timeout_seconds,
+  updated_at = NOW();
+
+-- name: insert_new_events
+-- The raw events of one or more consecutive responses, each with its receipt time ($5), on the fast path:
+-- no conflict handling, so an event already stored (or repeated in the batch) fails the statement on the
+-- primary key and the writer redoes the transaction with insert_events.
+INSERT INTO events (event_id, method, broadcaster, event_time, received_at, raw)
+SELECT e.event_id, e.method, e.broadcaster, e.event_time, e.received_at, e.raw::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
+  AS e(event_id, method, broadcaster, event_time, received_at, raw);
+
 -- name: insert_events
--- The raw events of one or more consecutive responses, each with its receipt time ($5), and the read position
--- after them ($7..$9), in one statement. The primary key
--- is the idempotency point: a re-delivered event is not inserted and not returned. A response without a next
--- id (nextUrl null) keeps the last committed position rather than forgetting it.
-WITH moved AS (
-  INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
-  SELECT $7::text, $8::text, $9::integer, NOW() WHERE $7::text IS NOT NULL
-  ON CONFLICT (broadcaster) DO UPDATE SET
-    last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
-    timeout_seconds = EXCLUDED.timeout_seconds,
-    updated_at = NOW()
-)
+-- The same, guarded: the primary key is the idempotency point, a re-delivered event is not inserted and not
+-- returned.
 INSERT INTO events (event_id, method, broadcaster, event_time, received_at, raw)
 SELECT e.event_id, e.method, e.broadcaster, e.event_time, e.received_at, e.raw::jsonb
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
@@ -115,9 +124,17 @@ INSERT INTO stream_sessions (id, platform, broadcaster, started_at, ended_at, st
 SELECT s.id, $1, s.broadcaster, s.started_at, s.ended_at, CASE WHEN s.ended_at IS NULL THEN 'LIVE' ELSE 'ENDED' END
 FROM unnest($2::uuid[], $3::text[], $4::timestamp[], $5::timestamp[]) AS s(id, broadcaster, started_at, ended_at);
 
+-- name: insert_new_interactions
+-- The rows of events new in this transaction, on the fast path (see insert_new_events): a second row for an
+-- event fails on the guard index uq_interactions_cb_event and the writer redoes the transaction guarded.
+INSERT INTO interactions (person_id, stream_session_id, type, content, timestamp, source, metadata)
+SELECT i.person_id, i.session_id, i.type, i.content, i.at, $1, i.metadata::jsonb
+FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamp[], $7::text[])
+  AS i(person_id, session_id, type, content, at, metadata);
+
 -- name: insert_interactions
--- Only rows of events new in this transaction arrive here; the guard index makes a repeat a no-op, never a
--- second row (for instance when an events row was deleted by hand and its event is delivered again).
+-- The same, guarded: the guard index makes a repeat a no-op, never a second row (for instance when an events
+-- row was deleted by hand and its event is delivered again).
 INSERT INTO interactions (person_id, stream_session_id, type, content, timestamp, source, metadata)
 SELECT i.person_id, i.session_id, i.type, i.content, i.at, $1, i.metadata::jsonb
 FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamp[], $7::text[])

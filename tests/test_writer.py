@@ -136,6 +136,18 @@ async def test_an_id_repeated_within_one_page_is_stored_once(pool: asyncpg.Pool)
     assert await _count(pool, "interactions") == 2
 
 
+async def test_an_event_whose_events_row_was_deleted_by_hand_gets_no_second_interaction(
+    pool: asyncpg.Pool,
+) -> None:
+    # The interactions guard index, not the events key, meets the repeat: the write is redone guarded.
+    items = [sample.chat(1, "bob"), sample.tip(2, "carol")]
+    await _write(pool, sample.page(items))
+    await pool.execute("DELETE FROM events")
+    again = await _write(pool, sample.page([*items, sample.chat(3, "dave")]))
+    assert (again.new_events, again.duplicates, again.interactions) == (3, 0, 1)
+    assert (await _count(pool, "events"), await _count(pool, "interactions")) == (3, 3)
+
+
 async def test_malformed_items_are_quarantined_once_and_the_rest_is_stored(pool: asyncpg.Pool) -> None:
     no_text = sample.chat(3, "x")
     del no_text["object"]["message"]["message"]
