@@ -14,6 +14,7 @@ import datetime as dt
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+import orjson
 import tenacity
 import yarl
 
@@ -37,6 +39,9 @@ DEFAULT_SERVER_TIMEOUT = 10  # what the API assumes when a URL names no timeout
 MAX_SERVER_TIMEOUT = 90
 MAX_RETRY_AFTER = 3600.0
 EXCERPT_CHARS = 200
+# 19 digits in a row may be an integer beyond 64 bits (see _decode_or_none); digits in strings match too,
+# which only costs such a body the slower decoder.
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 Recorder = Callable[[db.ApiFailure], Awaitable[None]]
 Sleep = Callable[[float], Awaitable[None]]
@@ -112,6 +117,7 @@ class Page:
     received_at: dt.datetime
     request_event_id: str | None
     body: bytes = field(repr=False)  # the raw response body; its nextUrl holds the token
+    finite_numbers: bool = False  # orjson decoded the body: no NaN or infinite float in `events`
 
 
 def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
@@ -282,14 +288,15 @@ class EventsClient:
     async def _page(self, url: EventsUrl, response: _Response, attempt: int) -> Page:
         status = response.status
         excerpt = _excerpt(response.body)
+        finite_numbers = False
         if status == 200:
-            payload = _decode(response.body, excerpt)
+            payload, finite_numbers = _decode(response.body, excerpt)
             events = payload.get("events")
             if not isinstance(events, list):
                 raise errors.BadBody("the body has no events array", status=status, body_excerpt=excerpt)
         elif status == 400:
             # The undocumented "waited too long for events" form: a continuation when it names a nextUrl.
-            continuation = _decode_or_none(response.body)
+            continuation, _ = _decode_or_none(response.body)
             if continuation is None or not isinstance(continuation.get("nextUrl"), str):
                 raise errors.ClientRejected("HTTP 400", status=status, body_excerpt=excerpt)
             payload, events = continuation, []
@@ -304,6 +311,7 @@ class EventsClient:
             received_at=dt.datetime.now(dt.UTC),
             request_event_id=url.event_id,
             body=response.body,
+            finite_numbers=finite_numbers,
         )
 
     async def _accept_next_url(self, payload: dict[str, Any], status: int, attempt: int) -> EventsUrl | None:
@@ -432,19 +440,34 @@ def _excerpt(body: bytes) -> str | None:
     return text[:EXCERPT_CHARS]
 
 
-def _decode_or_none(body: bytes) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(body)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError both
-        return None
-    return payload if isinstance(payload, dict) else None
+def _decode_or_none(body: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """The body's JSON object (None when it is not one), and whether orjson decoded it.
+
+    orjson is several times faster on a backlog, and what it decodes never holds NaN or an infinite float, so
+    ingest may encode it with orjson too. What orjson refuses (NaN and Infinity literals, lone surrogates, a
+    byte-order mark) or may read differently (a long digit run: an integer beyond 64 bits becomes a float)
+    the standard library decodes, so every body means what it did before.
+    """
+    payload: Any = None
+    finite_numbers = _LONG_DIGITS.search(body) is None
+    if finite_numbers:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            finite_numbers = False
+    if not finite_numbers:
+        try:
+            payload = json.loads(body)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+            return None, False
+    return (payload, finite_numbers) if isinstance(payload, dict) else (None, False)
 
 
-def _decode(body: bytes, excerpt: str | None) -> dict[str, Any]:
-    payload = _decode_or_none(body)
+def _decode(body: bytes, excerpt: str | None) -> tuple[dict[str, Any], bool]:
+    payload, finite_numbers = _decode_or_none(body)
     if payload is None:
         raise errors.BadBody("the body is not a JSON object", status=200, body_excerpt=excerpt)
-    return payload
+    return payload, finite_numbers
 
 
 def _last_event_id(events: list[Any]) -> str | None:

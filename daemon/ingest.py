@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 SOURCE = "cb_events"
 
 # Column widths of migration 010 and the seed: a longer value would abort the whole response's transaction.
@@ -36,6 +38,7 @@ NAME_MAX = 255
 _MS_MIN = 100_000_000_000
 _MS_MAX = 99_999_999_999_999
 _EPOCH = dt.datetime(1970, 1, 1)
+_NUL_REASON = "contains a NUL character, which PostgreSQL text and jsonb cannot store"
 # One encoder for every event: json.dumps with options builds a new one per call, a measurable cost here.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
@@ -166,8 +169,21 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _encode(raw: dict[str, Any]) -> str:
-    """`raw` as JSON text PostgreSQL's jsonb accepts, or `_Unmappable`."""
+def _encode(raw: dict[str, Any], finite_numbers: bool) -> str:
+    """`raw` as JSON text PostgreSQL's jsonb accepts, or `_Unmappable`.
+
+    orjson when the caller vouches there is no NaN or infinite float (it would write them as null); anything
+    else orjson refuses (an integer beyond 64 bits, a lone surrogate) the standard library encoder judges.
+    """
+    if finite_numbers:
+        try:
+            text = orjson.dumps(raw).decode()
+        except TypeError:  # orjson.JSONEncodeError
+            pass
+        else:
+            if "\\u0000" in text and _has_nul(raw):
+                raise _Unmappable(_NUL_REASON)
+            return text
     try:
         text = _ENCODER.encode(raw)
     except ValueError as error:  # NaN/Infinity, or an integer too long to print
@@ -177,7 +193,7 @@ def _encode(raw: dict[str, Any]) -> str:
     # Every NUL prints as \u0000, so its absence from the text proves there is none; its presence may be a
     # literal backslash sequence, hence the exact walk.
     if "\\u0000" in text and _has_nul(raw):
-        raise _Unmappable("contains a NUL character, which PostgreSQL text and jsonb cannot store")
+        raise _Unmappable(_NUL_REASON)
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -373,12 +389,13 @@ class _Collector:
     interactions: list[InteractionRow]
     session_changes: list[SessionChange]
     quarantined: list[Quarantined]
+    finite_numbers: bool
     unknown: int = 0
 
 
 def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> None:
     event_id, method, payload = _envelope(item)
-    raw_json = _encode(item)
+    raw_json = _encode(item, out.finite_numbers)
     if len(event_id) > EVENT_ID_MAX:
         raise _Unmappable(f"id longer than {EVENT_ID_MAX} characters")
     if len(method) > METHOD_MAX:
@@ -394,7 +411,9 @@ def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> 
     role = "MODEL" if username == broadcaster else "VIEWER"
     out.events.append(StoredEvent(event_id, method, broadcaster, at, item, raw_json))
     out.interactions.append(
-        InteractionRow(event_id, username, role, kind, content, at, metadata, _ENCODER.encode(metadata))
+        InteractionRow(
+            event_id, username, role, kind, content, at, metadata, _encode(metadata, out.finite_numbers)
+        )
     )
     change = _BROADCAST_METHODS.get(method)
     if change is not None:
@@ -402,13 +421,20 @@ def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> 
 
 
 def parse_page(
-    events: list[Any], *, broadcaster: str, received_at: dt.datetime, next_event_id: str | None
+    events: list[Any],
+    *,
+    broadcaster: str,
+    received_at: dt.datetime,
+    next_event_id: str | None,
+    finite_numbers: bool = False,
 ) -> Batch:
     """Sort one response's items into stored events (with their rows) and quarantined items; never raises
-    for any content of `events`. `broadcaster` is the configured room, used when an event names none."""
+    for any content of `events`. `broadcaster` is the configured room, used when an event names none.
+    `finite_numbers`: the caller vouches that no float in `events` is NaN or infinite (orjson decoded them),
+    which lets the faster encoder write them."""
     configured = normalize_name(broadcaster)
     received = _utc_naive(received_at)
-    out = _Collector([], [], [], [])
+    out = _Collector([], [], [], [], finite_numbers)
     for item in events:
         try:
             _one(item, configured, received, out)

@@ -40,10 +40,10 @@ from daemon import (
 log = logs.get_logger(__name__)
 T = TypeVar("T")
 
-HANDOFF_PAGES = 10  # pages fetched ahead of the writer; bounded so a stalled database stops polling
+HANDOFF_PAGES = 50  # pages fetched ahead of the writer; bounded so a stalled database stops polling
 # While a backlog drains, the writer takes every page already waiting (up to this many events) into one
 # transaction: the round trips per page, not PostgreSQL's work per row, bounded the drain (see bench/).
-MERGE_EVENTS = 1000
+MERGE_EVENTS = 5000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 WRITE_RETRY_MAX_SECONDS = 30.0
@@ -339,6 +339,7 @@ class Supervisor:
             broadcaster=self.settings.cb_username,
             received_at=page.received_at,
             next_event_id=page.next_event_id,
+            finite_numbers=isinstance(page, events_api.Page) and page.finite_numbers,
         )
         return ParsedPage(page.events, page.next_event_id, page.received_at, batch)
 

@@ -266,6 +266,33 @@ async def test_unparseable_bodies_are_retried(harness: Harness, fault: events.Fa
     assert harness.failures[0].http_status == 200
 
 
+@pytest.mark.parametrize(
+    ("prefix", "tokens", "fast"),
+    [
+        ("", "25", True),
+        ("", "123456789012345678901234567890", False),  # beyond 64 bits: orjson would make it a float
+        ("", "-9223372036854775809", False),
+        ("", "NaN", False),  # orjson refuses these; the standard library reads them
+        ("", "1e400", False),
+        ("\ufeff", "25", False),  # a byte-order mark
+    ],
+    ids=["small", "huge", "huge-negative", "nan", "overflow", "bom"],
+)
+async def test_a_body_means_the_same_whichever_decoder_reads_it(
+    harness: Harness, prefix: str, tokens: str, fast: bool
+) -> None:
+    body = prefix + (
+        '{"events": [{"id": "1755376889458-0", "method": "tip",'
+        f' "object": {{"user": {{"username": "bob"}}, "tip": {{"tokens": {tokens}}}}}}}], "nextUrl": null}}'
+    )
+    harness.sim.schedule(events.Fault.raw(200, body))
+    page = await harness.client.fetch(harness.client.start_url(None))
+    assert page.finite_numbers is fast
+    # As text, so NaN equals itself and a float in place of an integer shows.
+    assert json.dumps(page.events) == json.dumps(json.loads(body.removeprefix("\ufeff"))["events"])
+    assert harness.failures == []
+
+
 @pytest.mark.parametrize("status", [404, 410, 302])
 async def test_other_statuses_retry_slowly(harness: Harness, status: int) -> None:
     harness.sim.schedule(events.Fault.http_status(status))
