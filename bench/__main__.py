@@ -102,13 +102,9 @@ async def _run(args: argparse.Namespace, work: Path) -> tuple[list[Figure], dict
     with harness.server_url(args.database_url) as server:
         async with harness.databases(server) as databases:
             details["postgres"] = await databases.server_facts()
-            largest = max(sizes.memory_events if "memory" in steps else 0, sizes.throughput_events)
-            _say(f"generating {largest:,} events")
-            stream = harness.backlog(largest)
             if "throughput" in steps:
-                figures += await _throughput(
-                    databases, stream[: sizes.throughput_events], work, details, args
-                )
+                with harness.frozen_backlog(sizes.throughput_events) as stream:
+                    figures += await _throughput(databases, stream, work, details, args)
             if "latency" in steps:
                 seconds = args.latency_seconds or (10.0 if args.quick else 60.0)
                 _say(f"live latency: {args.latency_rate:g} events/s for {seconds:g} s")
@@ -126,7 +122,8 @@ async def _run(args: argparse.Namespace, work: Path) -> tuple[list[Figure], dict
                     )
                 )
             if "memory" in steps:
-                figures += await _memory(databases, stream[: sizes.memory_events], work, details)
+                with harness.frozen_backlog(sizes.memory_events) as stream:
+                    figures += await _memory(databases, stream, work, details)
             if "startup" in steps:
                 _say(f"start-up: {sizes.startup_runs} starts")
                 started = await startup.measure(databases, work, runs=sizes.startup_runs)
