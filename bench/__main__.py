@@ -105,11 +105,13 @@ async def _run(args: argparse.Namespace, work: Path) -> tuple[list[Figure], dict
             if "throughput" in steps:
                 with harness.frozen_backlog(sizes.throughput_events) as stream:
                     figures += await _throughput(databases, stream, work, details, args)
+                await databases.settle()
             if "latency" in steps:
                 seconds = args.latency_seconds or (10.0 if args.quick else 60.0)
                 _say(f"live latency: {args.latency_rate:g} events/s for {seconds:g} s")
                 result = await latency.live(databases, work, rate=args.latency_rate, seconds=seconds)
                 details["latency"] = result.__dict__
+                await databases.settle()
                 figures.append(
                     Figure(
                         "live latency p50 / p99",

@@ -32,7 +32,7 @@ from tests import daemon_process
 CHANNEL = "mhc_bench_commit"
 # A statement-level trigger with a transition table sees exactly the rows this statement inserted. Ids go in
 # notifications of at most 100 (ids are at most 64 characters; NOTIFY's payload limit is 8000 bytes), since a
-# daemon that fell behind writes up to 1,000 events in one statement.
+# daemon that fell behind writes up to 2,000 events in one statement.
 _TRIGGER = """
 CREATE FUNCTION mhc_bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
