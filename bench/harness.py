@@ -127,9 +127,10 @@ def backlog(count: int, *, seed: int = 6, start_ms: int = traffic.DEFAULT_START_
 
 @contextlib.contextmanager
 def frozen_backlog(count: int) -> Iterator[list[dict[str, Any]]]:
-    """`backlog(count)` for one step, kept out of this process's garbage collector while it lasts: every full
-    collection would otherwise walk millions of objects and stall the simulator that serves them (a 1,000,000
-    event backlog held through the latency step raised its p99 from 38 to 120 ms)."""
+    """`backlog(count)` for one step only, kept out of this process's garbage collector while it lasts: a full
+    collection would otherwise walk up to millions of objects while the simulator in this process serves them.
+    A precaution: the latency spike once blamed on a backlog held through the latency step was the server's
+    (see `Databases.settle`)."""
     events = backlog(count)
     gc.freeze()
     try:
