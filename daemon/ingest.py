@@ -38,7 +38,6 @@ NAME_MAX = 255
 _MS_MIN = 100_000_000_000
 _MS_MAX = 99_999_999_999_999
 _EPOCH = dt.datetime(1970, 1, 1)
-_NUL_REASON = "contains a NUL character, which PostgreSQL text and jsonb cannot store"
 # One encoder for every event: json.dumps with options builds a new one per call, a measurable cost here.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
@@ -169,32 +168,34 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-def _encode(raw: dict[str, Any], finite_numbers: bool) -> str:
-    """`raw` as JSON text PostgreSQL's jsonb accepts, or `_Unmappable`.
-
-    orjson when the caller vouches there is no NaN or infinite float (it would write them as null); anything
-    else orjson refuses (an integer beyond 64 bits, a lone surrogate) the standard library encoder judges.
-    """
-    if finite_numbers:
-        try:
-            text = orjson.dumps(raw).decode()
-        except TypeError:  # orjson.JSONEncodeError
-            pass
-        else:
-            if "\\u0000" in text and _has_nul(raw):
-                raise _Unmappable(_NUL_REASON)
-            return text
+def _fast_text(value: Any) -> str | None:
+    """orjson's text of `value`, None for what orjson refuses (an integer beyond 64 bits, a lone surrogate).
+    Only for values without NaN or infinite floats, which orjson would write as null."""
     try:
-        text = _ENCODER.encode(raw)
-    except ValueError as error:  # NaN/Infinity, or an integer too long to print
-        raise _Unmappable(f"contains a number that cannot be stored as JSON ({error})") from error
-    except RecursionError as error:
-        raise _Unmappable("nested too deeply to store") from error
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return None
+
+
+def _encode(raw: dict[str, Any], finite_numbers: bool) -> str:
+    """`raw` as JSON text PostgreSQL's jsonb accepts, or `_Unmappable`: orjson's text when the caller
+    vouches for finite numbers, else (or when orjson refuses) the standard library's, which judges the
+    rest."""
+    text = _fast_text(raw) if finite_numbers else None
+    exact = text is None
+    if text is None:
+        try:
+            text = _ENCODER.encode(raw)
+        except ValueError as error:  # NaN/Infinity, or an integer too long to print
+            raise _Unmappable(f"contains a number that cannot be stored as JSON ({error})") from error
+        except RecursionError as error:
+            raise _Unmappable("nested too deeply to store") from error
     # Every NUL prints as \u0000, so its absence from the text proves there is none; its presence may be a
     # literal backslash sequence, hence the exact walk.
     if "\\u0000" in text and _has_nul(raw):
-        raise _Unmappable(_NUL_REASON)
-    if not text.isascii():
+        raise _Unmappable("contains a NUL character, which PostgreSQL text and jsonb cannot store")
+    # orjson refuses lone surrogates; the standard library writes them out, and PostgreSQL cannot store them.
+    if exact and not text.isascii():
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -410,10 +411,10 @@ def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> 
     username, kind, content = _map(method, payload, metadata, broadcaster)
     role = "MODEL" if username == broadcaster else "VIEWER"
     out.events.append(StoredEvent(event_id, method, broadcaster, at, item, raw_json))
+    # Built from values `raw_json` already proved storable: no checks, only the encoding.
+    metadata_json = (_fast_text(metadata) if out.finite_numbers else None) or _ENCODER.encode(metadata)
     out.interactions.append(
-        InteractionRow(
-            event_id, username, role, kind, content, at, metadata, _encode(metadata, out.finite_numbers)
-        )
+        InteractionRow(event_id, username, role, kind, content, at, metadata, metadata_json)
     )
     change = _BROADCAST_METHODS.get(method)
     if change is not None:
