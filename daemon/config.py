@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -14,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from daemon import errors
 
 ENV_PREFIX = "MHC_"
+# The secret settings that may also come from a file: `MHC_<NAME>_FILE`, or systemd's `LoadCredential=<name>`
+# (a file named <name> in $CREDENTIALS_DIRECTORY). Files are read at start and again on SIGHUP.
+TOKEN_SETTINGS = ("cb_events_token", "cb_stats_token", "statbate_token")
+CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
 
 
 def default_data_dir() -> Path:
@@ -35,16 +40,19 @@ class Settings(BaseSettings):
     # Chaturbate Events API
     cb_username: str = ""
     cb_events_token: SecretStr | None = None
+    cb_events_token_file: Path | None = None
     cb_events_base_url: str = "https://eventsapi.chaturbate.com"
     cb_events_timeout: int = Field(default=30, ge=0, le=90)
 
     # Chaturbate Stats API
     cb_stats_url: str = "https://chaturbate.com/statsapi/"
     cb_stats_token: SecretStr | None = None
+    cb_stats_token_file: Path | None = None
 
     # Statbate Plus API
     statbate_base_url: str = "https://plus.statbate.com/api"
     statbate_token: SecretStr | None = None
+    statbate_token_file: Path | None = None
     statbate_requests_per_minute: int = Field(default=60, ge=1, le=119)
     member_snapshot_ttl_hours: float = Field(default=24.0, gt=0, le=24 * 365)
 
@@ -80,13 +88,48 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
 
-def load(**overrides: object) -> Settings:
-    """Read the settings, turning any validation error into one readable `ConfigError` line.
+def token_file(settings: Settings, name: str) -> Path | None:
+    """Where the secret setting `name` is read from: `MHC_<NAME>_FILE`, else the systemd credential of that
+    name, else nowhere (the variable itself, or unset)."""
+    explicit: Path | None = getattr(settings, f"{name}_file")
+    if explicit is not None:
+        return explicit
+    directory = os.environ.get(CREDENTIALS_DIRECTORY)
+    if directory and (Path(directory) / name).is_file():
+        return Path(directory) / name
+    return None
 
-    Input values are never echoed: some of them are secrets.
+
+def read_token(path: Path, name: str) -> str:
+    """The token in `path`, whitespace stripped; a `ConfigError` names the setting, never the value."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise errors.ConfigError(
+            f"invalid configuration: {ENV_PREFIX}{name.upper()}_FILE: cannot read {path}: {reason}"
+        ) from None
+
+
+def _with_token_files(settings: Settings) -> Settings:
+    tokens: dict[str, SecretStr] = {}
+    for name in TOKEN_SETTINGS:
+        path = token_file(settings, name)
+        if path is None:
+            continue
+        if getattr(settings, name) is not None and getattr(settings, f"{name}_file") is not None:
+            variable = f"{ENV_PREFIX}{name.upper()}"
+            raise errors.ConfigError(f"invalid configuration: set {variable} or {variable}_FILE, not both")
+        tokens[name] = SecretStr(read_token(path, name))
+    return settings.model_copy(update=tokens) if tokens else settings
+
+
+def load(**overrides: object) -> Settings:
+    """Read the settings (token files included), turning any validation error into one readable
+    `ConfigError` line. Input values are never echoed: some of them are secrets.
     """
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]  # pydantic-settings accepts field overrides
+        settings = Settings(**overrides)  # type: ignore[arg-type]  # pydantic-settings accepts field overrides
     except pydantic.ValidationError as error:
         problems = []
         for item in error.errors():
@@ -94,3 +137,4 @@ def load(**overrides: object) -> Settings:
             message = str(item["msg"]).removeprefix("Value error, ")
             problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
         raise errors.ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    return _with_token_files(settings)

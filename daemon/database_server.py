@@ -8,7 +8,7 @@ import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from daemon import config, errors, logs
 
@@ -35,7 +35,8 @@ async def open_url(settings: config.Settings) -> AsyncIterator[str]:
     """
     if settings.database_url is not None:
         url = settings.database_url.get_secret_value()
-        logs.register_secret(_password(url))
+        for password in _passwords(url):
+            logs.register_secret(password)
         log.info("database_in_use", kind="configured", url=logs.mask(url))
         yield url
         return
@@ -54,5 +55,10 @@ async def open_url(settings: config.Settings) -> AsyncIterator[str]:
         await asyncio.to_thread(server.cleanup)
 
 
-def _password(url: str) -> str | None:
-    return urlsplit(url).password
+def _passwords(url: str) -> list[str]:
+    """Every password a PostgreSQL URL can carry: in its user-info, `password=` and `sslpassword=`."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    found = [parts.password, *query.get("password", []), *query.get("sslpassword", [])]
+    # The user-info form is percent-encoded in the URL; drivers and servers see it decoded.
+    return [form for value in found if value for form in {value, unquote(value)}]

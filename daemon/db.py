@@ -55,26 +55,35 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+# PostgreSQL refusals that heal by themselves: the write is retried (and pages spooled meanwhile), never
+# dropped. Connection (08), insufficient resources: disk full, out of memory, too many connections (53),
+# operator intervention: statement timeout, shutdown, cannot connect now (57), system/IO errors (58),
+# serialization failures and deadlocks (40), a read-only server (25006), idle-transaction timeouts (25P03)
+# and lock timeouts (55P03). Every other PostgreSQL error is the statement's own fault: a refusal.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "40")
+_TRANSIENT_SQLSTATES = frozenset({"25006", "25P03", "55P03"})
+
+
+def is_transient(error: asyncpg.PostgresError) -> bool:
+    """True when PostgreSQL refused for a reason that passes (see `_TRANSIENT_SQLSTATES`)."""
+    state = str(getattr(error, "sqlstate", "") or "")
+    return state[:2] in _TRANSIENT_SQLSTATE_CLASSES or state in _TRANSIENT_SQLSTATES
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """asyncpg and socket errors become `StorageError` / `DatabaseUnavailable`."""
+    """asyncpg and socket errors become `DatabaseUnavailable` (transient: retry) or `StorageError`."""
     try:
         yield
     # InternalClientError: asyncpg's protocol state after the server killed the session mid-query.
-    # A server stop ends sessions with AdminShutdownError (a query under way) or ConnectionDoesNotExistError
-    # (a PostgresConnectionError): both mean "unreachable for now", never a failed statement.
-    except (
-        OSError,
-        asyncpg.InterfaceError,
-        asyncpg.InternalClientError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.AdminShutdownError,
-        asyncpg.CrashShutdownError,
-        TimeoutError,
-    ) as error:
+    # TimeoutError: asyncpg's own command or connect timeout.
+    except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError) as error:
         raise errors.DatabaseUnavailable(f"database unavailable: {type(error).__name__}: {error}") from error
     except asyncpg.PostgresError as error:
+        if is_transient(error):
+            raise errors.DatabaseUnavailable(
+                f"database unavailable: {type(error).__name__}: {error}"
+            ) from error
         raise errors.StorageError(f"database error: {type(error).__name__}: {error}") from error
 
 
@@ -83,8 +92,15 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         await connection.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    """Open the pool. Every session runs in UTC so NOW() defaults on TIMESTAMP columns are UTC too."""
+    """Open the pool. Every session runs in UTC so NOW() defaults on TIMESTAMP columns are UTC too.
+
+    With `min_size=0` nothing connects here: the pool opens while the database is down and each later
+    operation connects (or fails with `DatabaseUnavailable`) on its own.
+    """
     with translate_errors():
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,
@@ -93,6 +109,7 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.
             init=_init_connection,
             server_settings={"timezone": "UTC", "application_name": "mhc-daemon"},
             command_timeout=60,
+            timeout=CONNECT_TIMEOUT_SECONDS,
         )
     return pool
 
@@ -266,6 +283,25 @@ class WriteResult:
     unknown_methods: int  # new events of a method this version does not map
     newest_event_time: dt.datetime | None  # naive UTC server time of the newest new event
     new_by_method: dict[str, int] = field(default_factory=dict)  # new events per method (metrics, reports)
+
+
+def combined(first: WriteResult, second: WriteResult) -> WriteResult:
+    """What two consecutive writes changed together (a refused batch is stored in parts)."""
+    times = [moment for moment in (first.newest_event_time, second.newest_event_time) if moment is not None]
+    return WriteResult(
+        new_events=first.new_events + second.new_events,
+        duplicates=first.duplicates + second.duplicates,
+        interactions=first.interactions + second.interactions,
+        quarantined=first.quarantined + second.quarantined,
+        sessions_opened=first.sessions_opened + second.sessions_opened,
+        sessions_closed=first.sessions_closed + second.sessions_closed,
+        orphan_stops=first.orphan_stops + second.orphan_stops,
+        unknown_methods=first.unknown_methods + second.unknown_methods,
+        newest_event_time=max(times, default=None),
+        new_by_method=dict(
+            collections.Counter(first.new_by_method) + collections.Counter(second.new_by_method)
+        ),
+    )
 
 
 @dataclass

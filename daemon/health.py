@@ -125,11 +125,13 @@ class _Endpoints:
         failing = failing_checks(
             self.state, database_answers=answers, now=time.time(), stale_after=self.stale_after
         )
-        body = {
+        body: dict[str, Any] = {
             "ready": not failing,
             "checks": {name: "failing" if name in failing else "ok" for name in CHECKS},
             "failing": failing,
         }
+        if self.state.database_problem and ({"database", "migrations"} & set(failing)):
+            body["database_problem"] = self.state.database_problem
         return web.json_response(body, status=503 if failing else 200)
 
     async def metrics(self, _request: web.Request) -> web.Response:
@@ -160,6 +162,7 @@ class _Endpoints:
             "token_rejected": state.token_rejected,
             "database_up": state.database_up,
             "migrations_current": state.migrations_current,
+            "database_problem": state.database_problem,
             "counts": {
                 "events_stored": state.events_stored,
                 "duplicates_skipped": state.duplicates_skipped,

@@ -473,3 +473,47 @@ def merge(batches: list[Batch]) -> Batch:
         received_at=batches[-1].received_at,
         events_received_at=[moment for batch in batches for moment in batch.receipt_times()],
     )
+
+
+def refused(event: StoredEvent, reason: str) -> Quarantined:
+    """`event` as a quarantine item: PostgreSQL refused to store it (see `split`)."""
+    return _quarantine(event.raw, reason)
+
+
+def split(batch: Batch) -> tuple[Batch, Batch]:
+    """`batch` as two smaller batches that store, in turn, what it stores: its events halved in order (each
+    with its own rows), its quarantine items with the first half, the read position with the second. A batch
+    of one event splits into that event and its quarantine items. The writer halves a batch PostgreSQL
+    refuses until the refused events stand alone."""
+    events, quarantined = batch.events, batch.quarantined
+    first: tuple[list[StoredEvent], list[Quarantined]]
+    second: tuple[list[StoredEvent], list[Quarantined]]
+    if len(events) >= 2:
+        half = len(events) // 2
+        first, second = (events[:half], quarantined), (events[half:], [])
+    elif events and quarantined:
+        first, second = ([], quarantined), (events, [])
+    elif len(quarantined) >= 2:
+        half = len(quarantined) // 2
+        first, second = ([], quarantined[:half]), ([], quarantined[half:])
+    else:
+        raise ValueError("a batch of one item cannot be split")
+    return _part(batch, *first, None), _part(batch, *second, batch.next_event_id)
+
+
+def _part(
+    batch: Batch, events: list[StoredEvent], quarantined: list[Quarantined], next_event_id: str | None
+) -> Batch:
+    ids = {event.event_id for event in events}
+    times = batch.receipt_times()
+    positions = {id(event): index for index, event in enumerate(batch.events)}
+    return Batch(
+        events=events,
+        interactions=[row for row in batch.interactions if row.event_id in ids],
+        session_changes=[change for change in batch.session_changes if change.event_id in ids],
+        quarantined=quarantined,
+        unknown_methods=sum(1 for event in events if event.method not in KNOWN_METHODS),
+        next_event_id=next_event_id,
+        received_at=batch.received_at,
+        events_received_at=[times[positions[id(event)]] for event in events],
+    )

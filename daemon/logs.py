@@ -25,7 +25,8 @@ _URL_SECRET_PATTERNS = (
     re.compile(r"(/events/[^/\s?#]+/)([^/\s?#]+)"),  # Events API: /events/<user>/<token>/
     re.compile(r"([?&]token=)([^&\s#\"']+)", re.IGNORECASE),  # Stats API query string
     re.compile(r"(Bearer\s+)([^\s\"']+)", re.IGNORECASE),  # Statbate header
-    re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)"),  # passwords in database URLs
+    re.compile(r"(://[^:/@\s]+:)([^@\s]+)(@)"),  # passwords in database URLs: user-info
+    re.compile(r"([?&](?:ssl)?password=)([^&\s#\"']+)", re.IGNORECASE),  # and query parameters
 )
 
 

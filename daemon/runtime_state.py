@@ -14,6 +14,7 @@ class RuntimeState:
     last_successful_poll: float | None = None  # wall-clock seconds
     token_rejected: bool = False
     database_up: bool = False
+    database_problem: str | None = None  # why the database is not ready yet (masked), for /readyz and /status
     migrations_current: bool = False
     last_event_time: float | None = None  # server time of the newest committed event
     live_session_id: str | None = None

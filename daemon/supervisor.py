@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
+import itertools
 import random
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import tenacity
 
 from daemon import (
     config,
+    credentials,
     database_server,
     db,
     errors,
@@ -31,6 +35,7 @@ from daemon import (
     logs,
     metrics,
     migrations,
+    position_file,
     runtime_state,
     snapshots,
     spool,
@@ -48,6 +53,12 @@ MERGE_EVENTS = 2000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 WRITE_RETRY_MAX_SECONDS = 30.0
+# Before it falls back to the position saved on disk, the poller gives a starting database this long.
+DATABASE_START_WAIT_SECONDS = 5.0
+# A task that must not stop capture (snapshots, health checks, the summary) restarts after a failure, waiting
+# twice as long after each one, up to this.
+RESTART_MAX_SECONDS = 300.0
+UNRECORDED_FAILURES_MAX = 10_000
 STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
 # Once caught up, requests start at most this often: the client's 2,000 requests per minute spread evenly
 # (plus 5%). Unpaced, a busy live room (a request per event or two) used up the minute's allowance in ~10 s,
@@ -77,6 +88,14 @@ class Supervisor:
     auth_retry_seconds: float = 300.0
     backoff_max: float = 60.0
     disk_spool: spool.Spool = field(init=False)
+    credentials: credentials.Credentials = field(init=False)
+    position: position_file.PositionFile = field(init=False)
+    # Set once the schema is migrated and current: only then does the writer write.
+    database_ready: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    # Failure rows not stored yet (the database was away); the oldest go first if an outage overflows it.
+    _unrecorded: collections.deque[db.ApiFailure] = field(
+        init=False, default_factory=lambda: collections.deque(maxlen=UNRECORDED_FAILURES_MAX)
+    )
     # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
     # spool first, so the spool always begins at or before the committed cursor and a crash loses none.
     _in_memory: collections.deque[ParsedPage] = field(init=False, default_factory=collections.deque)
@@ -85,17 +104,27 @@ class Supervisor:
         self.disk_spool = spool.Spool(
             self.settings.data_dir / "spool", max_bytes=self.settings.spool_max_mb * 1024 * 1024
         )
+        self.credentials = credentials.Credentials(self.settings)
+        self.position = position_file.PositionFile(
+            self.settings.data_dir, db.normalize_username(self.settings.cb_username)
+        )
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT (exit 0) or until a task fails unexpectedly (the error propagates)."""
+        """Run until SIGTERM/SIGINT (exit 0) or until an event-path task fails unexpectedly (the error
+        propagates). SIGHUP re-reads the token files and reopens logging."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_stop)
+        handlers = {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: self.reload,
+        }
+        for signum, handler in handlers.items():
+            loop.add_signal_handler(signum, handler)
         try:
-            async with self._resources() as (pool, session):
-                await self._run_tasks(pool, session)
+            async with self._resources() as (url, pool, session):
+                await self._run_tasks(url, pool, session)
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in handlers:
                 loop.remove_signal_handler(signum)
             systemd.stopping()
         log.info("stopped")
@@ -107,32 +136,61 @@ class Supervisor:
             systemd.stopping()
             self.stop.set()
 
+    def reload(self) -> None:
+        """SIGHUP (a reload, a closed terminal): reopen logging, re-read the token files; never a stop."""
+        logs.configure(self.settings.log_level, self.settings.log_format)
+        log.info("reloaded", tokens_changed=self.credentials.reload())
+
     @contextlib.asynccontextmanager
-    async def _resources(self) -> AsyncIterator[tuple[db.Pool, aiohttp.ClientSession]]:
+    async def _resources(self) -> AsyncIterator[tuple[str, db.Pool, aiohttp.ClientSession]]:
+        """Nothing here needs the database to answer: the pool connects on first use, and migrations wait
+        for the database in their own task (`_prepare_database`) while polling goes on into the spool."""
         settings = self.settings
         async with contextlib.AsyncExitStack() as stack:
             url = await stack.enter_async_context(database_server.open_url(settings))
-            if settings.migrate_on_start:
-                async with db.single_connection(url) as connection:
-                    for line in await migrations.migrate(connection):
-                        log.info("migration_applied", migration=line)
-            pool = await stack.enter_async_context(db.open_pool(url, min_size=2, max_size=6))
-            self.state.database_up = True
-            self.state.migrations_current = await db.schema_is_current(pool)
+            pool = await stack.enter_async_context(db.open_pool(url, min_size=0, max_size=6))
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(headers={"User-Agent": "mhc-daemon"}, raise_for_status=False)
             )
             await stack.enter_async_context(health.serve(pool, settings, self.state))
-            self.state.live_session_id = await self._live_session(pool)
-            yield pool, session
+            yield url, pool, session
 
-    async def _run_tasks(self, pool: db.Pool, session: aiohttp.ClientSession) -> None:
+    async def _prepare_database(self, url: str, pool: db.Pool) -> None:
+        """Migrate (unless told not to) and check the schema, retrying until the database answers and the
+        schema is current; then the writer may write. Until then readiness names the reason."""
+        for attempt in itertools.count(1):
+            try:
+                if self.settings.migrate_on_start:
+                    async with db.single_connection(url) as connection:
+                        with db.translate_errors():
+                            applied = await migrations.migrate(connection)
+                    for line in applied:
+                        log.info("migration_applied", migration=line)
+                if not await db.schema_is_current(pool):
+                    raise errors.MigrationError("the schema is behind this version: run `mhc-daemon migrate`")
+                self.state.live_session_id = await self._live_session(pool)
+            except (errors.StorageError, errors.MigrationError) as error:
+                self.state.database_up = not isinstance(error, errors.DatabaseUnavailable)
+                self.state.database_problem = logs.mask(str(error))
+                delay = min(WRITE_RETRY_MAX_SECONDS, 0.5 * 2.0 ** min(attempt, 10))
+                log.warning("database_not_ready", error=self.state.database_problem, retry_in_s=delay)
+                if await self._wait_stop(delay):
+                    return
+                continue
+            break
+        self.state.database_up = self.state.migrations_current = True
+        self.state.database_problem = None
+        self.database_ready.set()
+        log.info("database_ready")
+        await self._record_failures(pool)
+
+    async def _run_tasks(self, url: str, pool: db.Pool, session: aiohttp.ClientSession) -> None:
         settings = self.settings
         client = events_api.EventsClient(
             session,
             base_url=settings.cb_events_base_url,
             username=settings.cb_username,
-            token=settings.cb_events_token.get_secret_value() if settings.cb_events_token else "",
+            token=self.credentials.current("cb_events_token"),
             timeout=settings.cb_events_timeout,
             on_failure=self._failure_recorder(pool),
             state=self.state,
@@ -141,7 +199,7 @@ class Supervisor:
             sleep=self._poll_sleep,
         )
         handoff: asyncio.Queue[ParsedPage] = asyncio.Queue(maxsize=HANDOFF_PAGES)
-        tasks = asyncio.ensure_future(self._task_group(pool, session, client, handoff))
+        tasks = asyncio.ensure_future(self._task_group(url, pool, session, client, handoff))
         stopped = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait({tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -154,27 +212,26 @@ class Supervisor:
                 tasks.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks
+        self.position.flush()
         if not tasks.cancelled():
-            tasks.result()  # an unexpected task failure propagates as the daemon's failure
+            tasks.result()  # an unexpected failure of the event path propagates as the daemon's failure
 
     async def _task_group(
         self,
+        url: str,
         pool: db.Pool,
         session: aiohttp.ClientSession,
         client: events_api.EventsClient,
         handoff: asyncio.Queue[ParsedPage],
     ) -> None:
+        """The event path (database preparation, poller, writer, watchdog) may end the daemon, and only
+        through a bug; every other task is isolated (`_isolated`): its failures are recorded and it starts
+        again, so nothing on the snapshot or reporting side can stop event capture."""
         settings = self.settings
         async with asyncio.TaskGroup() as group:
+            group.create_task(self._prepare_database(url, pool), name="database")
             poller = group.create_task(self._poll(client, pool, handoff), name="poller")
             group.create_task(self._write(pool, handoff, poller), name="writer")
-            group.create_task(
-                health.run_checks(pool, self.state, self.stop, interval=DATABASE_CHECK_SECONDS),
-                name="health_checks",
-            )
-            group.create_task(
-                logs.run_summary(self.state, self.stop, interval=SUMMARY_SECONDS), name="summary"
-            )
             interval = systemd.watchdog_interval()
             if interval is not None:
                 # Longer than one long-poll: an idle room completes a poll only every `timeout` seconds.
@@ -183,43 +240,87 @@ class Supervisor:
                     systemd.run_watchdog(self.state, self.stop, interval=interval, stall_after=stall_after),
                     name="watchdog",
                 )
-            group.create_task(
-                snapshots.run_scheduler(
-                    pool=pool,
-                    session=session,
-                    settings=settings,
-                    state=self.state,
-                    stop=self.stop,
-                    on_failure=self._failure_recorder(pool),
+            isolated: dict[str, Callable[[], Awaitable[None]]] = {
+                "health_checks": lambda: health.run_checks(
+                    pool, self.state, self.stop, interval=DATABASE_CHECK_SECONDS
                 ),
-                name="snapshot_scheduler",
-            )
+                "summary": lambda: logs.run_summary(self.state, self.stop, interval=SUMMARY_SECONDS),
+                "snapshot_scheduler": lambda: self._when_database_ready(
+                    snapshots.run_scheduler(
+                        pool=pool,
+                        session=session,
+                        settings=settings,
+                        state=self.state,
+                        stop=self.stop,
+                        on_failure=self._failure_recorder(pool),
+                    )
+                ),
+            }
+            for name, run in isolated.items():
+                group.create_task(self._isolated(name, run, pool), name=name)
+
+    async def _isolated(self, name: str, run: Callable[[], Awaitable[None]], pool: db.Pool) -> None:
+        """Run `run` until the daemon stops. Whatever it raises is logged with its traceback, recorded in
+        `api_failures` (api = the task's name, kind `internal_error`), and the task starts again after a
+        backoff that doubles with each failure."""
+        for failures in itertools.count(1):
+            try:
+                await run()
+                return
+            except Exception as error:  # isolating every failure is this wrapper's one job
+                delay = min(RESTART_MAX_SECONDS, 2.0**failures)
+                text = logs.mask(f"{type(error).__name__}: {error}")
+                log.error("task_failed_restarting", task=name, error=text, restart_in_s=delay, exc_info=error)
+                failure = db.ApiFailure(
+                    api=name, operation="run", url="-", error_kind="internal_error", body_excerpt=text[:200]
+                )
+                await self._failure_recorder(pool)(failure)
+            if await self._wait_stop(delay):
+                return
+
+    async def _when_database_ready(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` once the schema is ready (never, if the daemon stops first)."""
+        try:
+            await self._database_ready_within(None)
+        except _Stopping:
+            work.close()
+            return
+        await work
 
     def _failure_recorder(self, pool: db.Pool) -> events_api.Recorder:
+        """Failure rows go to `api_failures` at once when the database takes them, else (it is down, or not
+        migrated yet) they wait in memory, with the time they happened, until it does."""
+
         async def record(failure: db.ApiFailure) -> None:
             self.state.failures += 1
+            if failure.occurred_at is None:
+                failure = dataclasses.replace(failure, occurred_at=db.utc_now())
+            self._unrecorded.append(failure)
+            if self.database_ready.is_set():
+                await self._record_failures(pool)
+
+        return record
+
+    async def _record_failures(self, pool: db.Pool) -> None:
+        """Write the failure rows that wait in memory, oldest first; those the database refuses wait on."""
+        while self._unrecorded:
+            failure = self._unrecorded[0]
             try:
                 await db.record_api_failure(pool, failure)
             except errors.StorageError as error:
-                # The failure is already in the log line the client wrote; say loudly that the row is missing.
-                log.error(
-                    "api_failure_not_recorded", api=failure.api, kind=failure.error_kind, error=str(error)
-                )
-
-        return record
+                # The failure is already in the log line the client wrote; the row follows when it can.
+                log.warning("api_failure_recorded_later", waiting=len(self._unrecorded), error=str(error))
+                return
+            self._unrecorded.popleft()
 
     async def _poll(
         self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[ParsedPage]
     ) -> None:
         """Fetch pages from the last committed position onwards until told to stop."""
-        if self.disk_spool.has_pages():
-            # Spooled pages are newer than the committed cursor: resume after them; they are drained first.
-            position = self.disk_spool.last_position()
-        else:
-            cursor = await self._retry_storage(
-                "load_cursor", lambda: db.load_cursor(pool, self.settings.cb_username)
-            )
-            position = cursor.last_event_id if cursor else None
+        try:
+            position = await self._start_position(pool)
+        except _Stopping:
+            return
         url = client.start_url(position)
         self._spool_gauge()
         log.info("polling_started", resume_from=position, spooled_bytes=self.disk_spool.pending_bytes)
@@ -246,6 +347,41 @@ class Supervisor:
             pause = started + LIVE_POLL_SPACING - loop.time()
             if len(page.events) < FULL_PAGE and pause > 0 and await self._wait_stop_exactly(pause):
                 break
+
+    async def _start_position(self, pool: db.Pool) -> str | None:
+        """Where to read from: after the newest spooled page, else the committed cursor; while the database
+        is not ready, the position saved on disk after the last commit (a second behind at worst: re-read
+        events are skipped as duplicates). With neither, only the database knows: wait for it."""
+        if self.disk_spool.has_pages():
+            # Spooled pages are newer than the committed cursor: resume after them; they are drained first.
+            return self.disk_spool.last_position()
+        if not await self._database_ready_within(DATABASE_START_WAIT_SECONDS):
+            saved = self.position.load()
+            if saved is not None:
+                log.warning("resuming_from_saved_position", resume_from=saved.last_event_id)
+                return saved.last_event_id
+            log.warning("waiting_for_database", reason="no read position saved on this host yet")
+            await self._database_ready_within(None)
+        cursor = await self._retry_storage(
+            "load_cursor", lambda: db.load_cursor(pool, self.settings.cb_username)
+        )
+        return cursor.last_event_id if cursor else None
+
+    async def _database_ready_within(self, seconds: float | None) -> bool:
+        """Wait up to `seconds` (None: as long as it takes) for the database to be ready; `_Stopping` when
+        the daemon stops meanwhile. Waiting counts as progress for the watchdog."""
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while not self.database_ready.is_set():
+            if self.stop.is_set():
+                raise _Stopping
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.database_ready.wait(), timeout=0.5)
+            self.state.write_progress += 1
+            self.state.poll_progress += 1
+        return True
 
     async def _hand_off(self, page: ParsedPage, handoff: asyncio.Queue[ParsedPage]) -> bool:
         """Give a page to the writer, or to the disk spool while the database is away; False once stopping.
@@ -291,7 +427,18 @@ class Supervisor:
     async def _write(
         self, pool: db.Pool, handoff: asyncio.Queue[ParsedPage], poller: asyncio.Task[None]
     ) -> None:
-        """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end."""
+        """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end.
+        Nothing is written before the database is ready; a stop while the database is away ends the writer
+        with the pages uncommitted (spooled, or read again from the committed position at the next start)."""
+        try:
+            await self._database_ready_within(None)
+            await self._write_pages(pool, handoff, poller)
+        except _Stopping:
+            log.warning("writer_stopped_database_unavailable", pages_not_written=handoff.qsize())
+
+    async def _write_pages(
+        self, pool: db.Pool, handoff: asyncio.Queue[ParsedPage], poller: asyncio.Task[None]
+    ) -> None:
         while True:
             if not handoff.empty():
                 await self._commit_queued(pool, self._waiting_pages(handoff.get_nowait(), handoff))
@@ -346,41 +493,92 @@ class Supervisor:
 
     async def _commit(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
         batch = ingest.merge([page.batch for page in pages])
-        write = self._retry_storage(
-            "write_batch",
-            lambda: db.write_batch(
-                pool,
-                batch,
-                cursor_broadcaster=self.settings.cb_username,
-                timeout_seconds=self.settings.cb_events_timeout,
-            ),
-        )
-        # Shielded: a stop never interrupts a commit halfway; a page not committed is simply read again.
-        result = await asyncio.shield(write)
+        result = await self._store(pool, batch)
         self._account(result)
+        self.position.committed(batch.next_event_id)
+        if self._unrecorded:
+            await self._record_failures(pool)
         if result.sessions_opened or result.sessions_closed:
             self.state.live_session_id = await self._retry_storage(
                 "live_session", lambda: self._live_session(pool)
             )
 
+    async def _store(self, pool: db.Pool, batch: ingest.Batch) -> db.WriteResult:
+        """Commit `batch`, waiting out every transient refusal. A batch PostgreSQL refuses for what it holds
+        is stored in halves until each refused event stands alone; that event goes to quarantine with the
+        database's reason, and everything else is stored."""
+        try:
+            return await self._retry_storage(
+                "write_batch",
+                lambda: db.write_batch(
+                    pool,
+                    batch,
+                    cursor_broadcaster=self.settings.cb_username,
+                    timeout_seconds=self.settings.cb_events_timeout,
+                ),
+            )
+        except errors.StorageError as error:
+            if not batch.events and len(batch.quarantined) < 2:
+                raise  # a quarantine row refused: a bug of ours, not of the event
+            reason = logs.mask(f"refused by PostgreSQL: {error}")
+        if len(batch.events) == 1 and not batch.quarantined:
+            event = batch.events[0]
+            log.error("event_refused_quarantined", event_id=event.event_id, method=event.method, error=reason)
+            batch = dataclasses.replace(
+                batch,
+                events=[],
+                interactions=[],
+                session_changes=[],
+                quarantined=[ingest.refused(event, reason)],
+                unknown_methods=0,
+                events_received_at=[],
+            )
+            return await self._store(pool, batch)
+        log.warning(
+            "batch_refused_splitting",
+            events=len(batch.events),
+            quarantined=len(batch.quarantined),
+            error=reason,
+        )
+        first, second = ingest.split(batch)
+        return db.combined(await self._store(pool, first), await self._store(pool, second))
+
     async def _retry_storage(self, operation: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Retry an operation while the database is unreachable; other storage errors propagate."""
-        delay = 0.5
-        while True:
-            try:
-                result = await attempt()
-            except errors.DatabaseUnavailable as error:
-                self.state.database_up = False
-                self.state.write_progress += 1  # retrying is alive, not wedged
-                metrics.DATABASE_UP.set(0)
-                log.warning(
-                    "database_unavailable", operation=operation, retry_in_s=round(delay, 1), error=str(error)
-                )
-                await asyncio.sleep(delay + random.uniform(0, delay / 4))  # noqa: S311  # jitter, not crypto
-                delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
-                continue
-            self.state.database_up = True
-            return result
+        """Run `attempt` until the database takes it, retrying every transient refusal (unreachable,
+        read-only, full, busy, timed out) with capped, jittered backoff. Each attempt is shielded, so a stop
+        never cuts a commit halfway; a stop during a wait between attempts raises `_Stopping`. Other
+        storage errors (a refusal of the content) propagate."""
+
+        async def pause(seconds: float) -> None:
+            self.state.write_progress += 1  # retrying is alive, not wedged
+            if await self._wait_stop(seconds):
+                raise _Stopping
+
+        def unavailable(retry: tenacity.RetryCallState) -> None:
+            self.state.database_up = False
+            metrics.DATABASE_UP.set(0)
+            error = retry.outcome.exception() if retry.outcome else None
+            log.warning(
+                "database_unavailable",
+                operation=operation,
+                attempt=retry.attempt_number,
+                retry_in_s=round(retry.upcoming_sleep, 1),
+                error=logs.mask(str(error)),
+            )
+
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(errors.DatabaseUnavailable),
+            wait=tenacity.wait_exponential_jitter(initial=0.5, max=WRITE_RETRY_MAX_SECONDS),
+            sleep=pause,
+            before_sleep=unavailable,
+            reraise=True,
+        )
+        async for try_ in retrying:
+            with try_:
+                result = await asyncio.shield(attempt())
+                self.state.database_up = True
+                return result
+        raise AssertionError("tenacity stopped retrying, but it has no stop condition")  # pragma: no cover
 
     async def _live_session(self, pool: db.Pool) -> str | None:
         session_id = await db.live_session_id(pool)
@@ -421,6 +619,10 @@ class Supervisor:
         except TimeoutError:
             return False
         return True
+
+
+class _Stopping(Exception):  # a signal between our own functions, not an error
+    """The daemon stops while a task waits for the database: the work in hand is left uncommitted."""
 
 
 def _spooled(page: ParsedPage) -> spool.SpooledPage:
