@@ -1,7 +1,7 @@
-"""The snapshot scheduler against a real PostgreSQL and the simulators, on an injected clock.
+"""The snapshot scheduler against a real PostgreSQL and the simulators, on injected clocks.
 
 Simulated time moves only when the scheduler waits, so schedules and rate limits are checked exactly without
-any wall-clock timing.
+any wall-clock timing. The wall clock follows it, plus any jumps a test sets.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import io
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,23 +30,40 @@ STATS_TOKEN = "SchedStatsSecret87654321"
 BROADCASTER = "hudson_cage"
 
 
-class FakeTime:
-    """Naive-UTC simulated time; every wait advances it, and reaching `end` sets the stop event."""
+Jumps = tuple[tuple[dt.timedelta, dt.timedelta], ...]  # (after this much time, set the wall clock by this)
 
-    def __init__(self, start: dt.datetime, end: dt.datetime, stop: asyncio.Event) -> None:
-        self.current, self.end, self.stop = start, end, stop
-        self.waits: list[float] = []
+
+class FakeTime:
+    """Simulated time from `start` to `end`: every wait advances it, and reaching `end` sets the stop event.
+
+    `monotonic` starts at an arbitrary origin; the naive-UTC wall clock (`now`) is `start` plus the time
+    passed plus every jump whose moment has come, as when an operator or NTP sets the clock.
+    """
+
+    def __init__(self, start: dt.datetime, end: dt.datetime, stop: asyncio.Event, jumps: Jumps = ()) -> None:
+        self.start, self.stop, self.jumps = start, stop, jumps
+        self.length = (end - start).total_seconds()
+        self.elapsed = 0.0
+
+    def monotonic(self) -> float:
+        return 86_400.0 + self.elapsed
+
+    def wall(self, elapsed: float) -> dt.datetime:
+        shift = sum((by for at, by in self.jumps if at.total_seconds() <= elapsed), dt.timedelta())
+        return self.start + dt.timedelta(seconds=elapsed) + shift
 
     def now(self) -> dt.datetime:
-        return self.current
+        return self.wall(self.elapsed)
 
     def seconds(self) -> float:
-        return (self.current - T0).total_seconds()
+        """The time the simulators stamp requests with: seconds since T0, which no wall-clock jump moves."""
+        return (self.start - T0).total_seconds() + self.elapsed
 
     async def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.current += dt.timedelta(seconds=max(0.0, seconds))
-        if self.current >= self.end:
+        # On a grid of 1/1024 s every sum and difference of these times is exact in binary floating point, so
+        # a deadline is met exactly (a jittered retry wait is rounded up onto the grid).
+        self.elapsed += math.ceil(max(0.0, seconds) * 1024) / 1024
+        if self.elapsed >= self.length:
             self.stop.set()
         await asyncio.sleep(0)
 
@@ -72,9 +90,11 @@ class World:
         values.update(overrides)
         return config.Settings(**values)
 
-    async def run(self, start: dt.datetime, end: dt.datetime, **overrides: Any) -> runtime_state.RuntimeState:
+    async def run(
+        self, start: dt.datetime, end: dt.datetime, jumps: Jumps = (), **overrides: Any
+    ) -> runtime_state.RuntimeState:
         stop = asyncio.Event()
-        time = FakeTime(start, end, stop)
+        time = FakeTime(start, end, stop, jumps)
         self.clock[:] = [time]
         state = runtime_state.RuntimeState()
 
@@ -90,6 +110,7 @@ class World:
                 stop=stop,
                 on_failure=record,
                 clock=time.now,
+                monotonic=time.monotonic,
                 sleep=time.sleep,
                 jitter=lambda: 0.0,
                 request_timeout=0.3,
