@@ -26,6 +26,7 @@ log = logs.get_logger(__name__)
 
 STATS_INTERVAL = dt.timedelta(minutes=5)  # the Stats API refreshes its data no faster
 STATS_COOLDOWN = dt.timedelta(minutes=5)  # after a 403 or 429: the API blocks over-eager pollers for minutes
+STATS_BACKOFF_MAX = dt.timedelta(hours=1)  # a longer (or infinite) Retry-After is not believed
 MODEL_INTERVAL = dt.timedelta(hours=3)
 MODEL_RETRY = dt.timedelta(minutes=15)
 NOT_FOUND_TTL = dt.timedelta(days=7)  # a name the API does not know is not asked again before this
@@ -345,7 +346,10 @@ class _Scheduler:
         try:
             payload = await client.fetch()
         except (errors.AuthRejected, errors.RateLimited) as error:
-            wait = max(STATS_COOLDOWN.total_seconds(), error.retry_after or 0.0)
+            wait = min(
+                max(STATS_COOLDOWN.total_seconds(), error.retry_after or 0.0),
+                STATS_BACKOFF_MAX.total_seconds(),
+            )
             log.warning("cb_stats_backing_off", kind=error.kind, status=error.status, seconds=int(wait))
             self.plan.stats = self._after(dt.timedelta(seconds=wait))
             return

@@ -557,3 +557,13 @@ async def test_absurd_ids_store_no_wrong_id_and_do_not_stop_the_scheduler(world:
     assert len([r for r in sim.recorder.requests if r.method == "POST"]) == 1, (
         "the misses are not asked again"
     )
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), 1e12])
+async def test_an_absurd_retry_after_neither_stops_nor_stalls_stats(world: World, retry_after: float) -> None:
+    """A 429's Retry-After of forever (or 30,000 years) is not believed past `STATS_BACKOFF_MAX`."""
+    world.stats.faults.add("rate_limited", retry_after=retry_after)
+
+    await world.run(T0, T0 + dt.timedelta(hours=1, minutes=1), statbate_token=None)
+
+    assert [r.at for r in world.stats.recorder.requests] == [0.0, 3600.0]
