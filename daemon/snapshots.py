@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ log = logs.get_logger(__name__)
 
 STATS_INTERVAL = dt.timedelta(minutes=5)  # the Stats API refreshes its data no faster
 STATS_COOLDOWN = dt.timedelta(minutes=5)  # after a 403 or 429: the API blocks over-eager pollers for minutes
+STATS_BACKOFF_MAX = dt.timedelta(hours=1)  # a longer (or infinite) Retry-After is not believed
 MODEL_INTERVAL = dt.timedelta(hours=3)
 MODEL_RETRY = dt.timedelta(minutes=15)
 NOT_FOUND_TTL = dt.timedelta(days=7)  # a name the API does not know is not asked again before this
@@ -34,7 +37,11 @@ STORAGE_RETRY = dt.timedelta(seconds=30)
 JITTER_SECONDS = 2.0
 
 Clock = Callable[[], dt.datetime]
+Monotonic = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+# persons.did and persons.rid are INTEGER (sql/migrations/001): an id outside this range cannot be stored.
+EXTERNAL_ID_RANGE = range(-(2**31), 2**31)
 
 # --- normalization (pure) ---
 
@@ -60,18 +67,24 @@ _STATS_NUMBERS = (
 
 
 def _number(value: Any) -> int | float | None:
-    """A JSON number (or a numeric string) as int or float; anything else is None."""
+    """A JSON number (or a numeric string) as int or float that jsonb can store; anything else is None.
+
+    jsonb holds any integer but no NaN or infinity: "nan", "1e999", a float already infinite and a digit
+    string beyond Python's 4,300-digit int limit (whose float is infinite) all become None.
+    """
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
+    if isinstance(value, int):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, str):
         text = value.strip()
         try:
             return int(text)
         except ValueError:
             try:
-                return float(text)
+                return _number(float(text))
             except ValueError:
                 return None
     return None
@@ -142,9 +155,15 @@ def normalize_model(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def external_id(payload: Mapping[str, Any], key: str) -> int | None:
-    """`did` or `rid` of an answer as an int (the batch schema allows a numeric string), else None."""
+    """`did` or `rid` of an answer as an int (the batch schema allows a numeric string), else None.
+
+    An id the persons table cannot hold (hundreds of digits, beyond INTEGER) is None too: storing it would
+    fail the whole batch on every retry, and a clamped or rounded one would be somebody else's.
+    """
     value = _number(_unwrap(payload).get(key))
-    return int(value) if value is not None and float(value).is_integer() else None
+    if isinstance(value, float):
+        value = int(value) if value.is_integer() else None
+    return value if value is not None and value in EXTERNAL_ID_RANGE else None
 
 
 # --- the token bucket ---
@@ -154,20 +173,21 @@ class TokenBucket:
     """At most `per_minute` acquisitions in any minute: capacity 1, refilled continuously, so requests are
     spaced evenly (Statbate counts per account per minute; bursts buy nothing for a background task)."""
 
-    def __init__(self, per_minute: int, *, clock: Clock, sleep: Sleep, jitter: Callable[[], float]) -> None:
+    def __init__(
+        self, per_minute: int, *, monotonic: Monotonic, sleep: Sleep, jitter: Callable[[], float]
+    ) -> None:
         self._interval = 60.0 / per_minute
-        self._clock = clock
+        self._monotonic = monotonic  # a wall clock set back would hold every request until it caught up
         self._sleep = sleep
         self._jitter = jitter
-        self._next_free: dt.datetime | None = None
+        self._next_free: float | None = None
 
     async def acquire(self) -> None:
-        now = self._clock()
+        now = self._monotonic()
         if self._next_free is not None and now < self._next_free:
-            wait = (self._next_free - now).total_seconds() + self._jitter() * self._interval * 0.1
-            await self._sleep(wait)
-            now = self._clock()
-        self._next_free = max(now, self._next_free or now) + dt.timedelta(seconds=self._interval)
+            await self._sleep(self._next_free - now + self._jitter() * self._interval * 0.1)
+            now = self._monotonic()
+        self._next_free = max(now, self._next_free or now) + self._interval
 
 
 # --- the scheduler ---
@@ -175,12 +195,24 @@ class TokenBucket:
 
 @dataclasses.dataclass
 class _Plan:
-    """When each kind of work is next due (naive UTC). Rebuilt from the database at start."""
+    """When each kind of work is next due, on the monotonic clock, so setting the wall clock moves no
+    deadline. Rebuilt from the database (wall-clock history) at start."""
 
-    stats: dt.datetime | None = None
-    model: dt.datetime | None = None
-    members: dt.datetime | None = None
-    statbate_paused_until: dt.datetime | None = None
+    stats: float | None = None
+    model: float | None = None
+    members: float | None = None
+    statbate_paused_until: float | None = None
+
+
+def _wait_from_history(now: dt.datetime, stored: dt.datetime | None, interval: dt.timedelta) -> float:
+    """Seconds until `interval` after a stored wall-clock moment has passed (0 without one).
+
+    A stored moment ahead of `now` was written while the wall clock was ahead (no honest history lies in the
+    future), so it is due now: otherwise a clock once set a year ahead would stall the schedule for a year.
+    """
+    if stored is None or stored > now:
+        return 0.0
+    return max(0.0, (stored + interval - now).total_seconds())
 
 
 class _Scheduler:
@@ -195,6 +227,7 @@ class _Scheduler:
         statbate: statbate_api.StatbateClient | None,
         stats: stats_api.StatsClient | None,
         clock: Clock,
+        monotonic: Monotonic,
         sleep: Sleep,
         jitter: Callable[[], float],
     ) -> None:
@@ -205,11 +238,12 @@ class _Scheduler:
         self.on_failure = on_failure
         self.statbate = statbate
         self.stats = stats
-        self.clock = clock
+        self.clock = clock  # what is stored, and reading the stored history
+        self.monotonic = monotonic  # every wait and deadline
         self.sleep = sleep
         self.jitter = jitter
         self.bucket = TokenBucket(
-            settings.statbate_requests_per_minute, clock=clock, sleep=sleep, jitter=jitter
+            settings.statbate_requests_per_minute, monotonic=monotonic, sleep=sleep, jitter=jitter
         )
         self.broadcaster = db.normalize_username(settings.cb_username)
         self.plan = _Plan()
@@ -230,29 +264,31 @@ class _Scheduler:
 
     # What is due comes from the database, so a restart neither repeats nor forgets work.
     async def _load_plan(self) -> None:
-        now = self.clock()
+        now, start = self.clock(), self.monotonic()
         if self.stats is not None:
             person = await self._broadcaster()
             last = await db.newest_snapshot_at(self.pool, person.id, "cb_stats")
             blocked = await db.newest_api_failure_at(
                 self.pool, stats_api.API, ("auth_rejected", "rate_limited")
             )
-            self.plan.stats = max(
-                [now]
-                + ([last + STATS_INTERVAL] if last else [])
-                + ([blocked + STATS_COOLDOWN] if blocked else [])
+            self.plan.stats = start + max(
+                _wait_from_history(now, last, STATS_INTERVAL),
+                _wait_from_history(now, blocked, STATS_COOLDOWN),
             )
         if self.statbate is not None and self.broadcaster:
             person = await self._broadcaster()
             last = await db.newest_snapshot_at(self.pool, person.id, "statbate_model")
             missed = await db.newest_snapshot_miss_at(self.pool, person.id, "statbate_model")
-            self.plan.model = max(
-                [now]
-                + ([last + MODEL_INTERVAL] if last else [])
-                + ([missed + NOT_FOUND_TTL] if missed else [])
+            self.plan.model = start + max(
+                _wait_from_history(now, last, MODEL_INTERVAL),
+                _wait_from_history(now, missed, NOT_FOUND_TTL),
             )
         if self.statbate is not None:
-            self.plan.members = now
+            self.plan.members = start
+
+    def _after(self, interval: dt.timedelta, since: float | None = None) -> float:
+        """The monotonic deadline `interval` after `since` (default: now)."""
+        return (self.monotonic() if since is None else since) + interval.total_seconds()
 
     async def _broadcaster(self) -> db.Person:
         if self._broadcaster_person is None:
@@ -270,7 +306,7 @@ class _Scheduler:
             pending.append(max(min(statbate), paused) if paused else min(statbate))
         if not pending:
             return IDLE_RECHECK.total_seconds()
-        seconds = (min(pending) - self.clock()).total_seconds()
+        seconds = min(pending) - self.monotonic()
         return seconds + self.jitter() * JITTER_SECONDS if seconds > 0 else 0.0
 
     async def _tick(self) -> None:
@@ -283,14 +319,14 @@ class _Scheduler:
         if self._due(self.plan.members) and not self._statbate_paused():
             await self._take_members(self.statbate)
 
-    def _due(self, moment: dt.datetime | None) -> bool:
-        return moment is not None and self.clock() >= moment and not self.stop.is_set()
+    def _due(self, deadline: float | None) -> bool:
+        return deadline is not None and self.monotonic() >= deadline and not self.stop.is_set()
 
     def _statbate_paused(self) -> bool:
         until = self.plan.statbate_paused_until
         if until is None:
             return False
-        if self.clock() >= until:
+        if self.monotonic() >= until:
             self.plan.statbate_paused_until = None
             log.info("statbate_resumed")
             return False
@@ -303,22 +339,25 @@ class _Scheduler:
                 paused_seconds=int(STATBATE_AUTH_PAUSE.total_seconds()),
                 hint="Statbate answered 401/403: check MHC_STATBATE_TOKEN and the account's Studio Plus plan",
             )
-        self.plan.statbate_paused_until = self.clock() + STATBATE_AUTH_PAUSE
+        self.plan.statbate_paused_until = self._after(STATBATE_AUTH_PAUSE)
 
     async def _take_stats(self, client: stats_api.StatsClient) -> None:
         person = await self._broadcaster()
         try:
             payload = await client.fetch()
         except (errors.AuthRejected, errors.RateLimited) as error:
-            wait = max(STATS_COOLDOWN.total_seconds(), error.retry_after or 0.0)
+            wait = min(
+                max(STATS_COOLDOWN.total_seconds(), error.retry_after or 0.0),
+                STATS_BACKOFF_MAX.total_seconds(),
+            )
             log.warning("cb_stats_backing_off", kind=error.kind, status=error.status, seconds=int(wait))
-            self.plan.stats = self.clock() + dt.timedelta(seconds=wait)
+            self.plan.stats = self._after(dt.timedelta(seconds=wait))
             return
         except errors.ApiError as error:
             log.warning("cb_stats_snapshot_failed", kind=error.kind, status=error.status)
-            self.plan.stats = self.clock() + STATS_INTERVAL
+            self.plan.stats = self._after(STATS_INTERVAL)
             return
-        captured_at = self.clock()
+        captured_at, taken = self.clock(), self.monotonic()
         if await db.record_snapshot(
             self.pool,
             person_id=person.id,
@@ -328,7 +367,7 @@ class _Scheduler:
             normalized_metrics=normalize_stats(payload),
         ):
             self._counted("cb_stats")
-        self.plan.stats = captured_at + STATS_INTERVAL
+        self.plan.stats = self._after(STATS_INTERVAL, since=taken)
 
     async def _take_model(self, client: statbate_api.StatbateClient) -> None:
         person = await self._broadcaster()
@@ -338,24 +377,23 @@ class _Scheduler:
         try:
             payload = await client.model_info(self.broadcaster)
         except errors.NotFound:
-            now = self.clock()
             await db.record_snapshot_miss(
                 self.pool,
                 person_id=person.id,
                 source="statbate_model",
                 username=self.broadcaster,
-                missed_at=now,
+                missed_at=self.clock(),
             )
-            self.plan.model = now + NOT_FOUND_TTL
+            self.plan.model = self._after(NOT_FOUND_TTL)
             return
         except errors.AuthRejected:
             self._pause_statbate()
             return
         except errors.ApiError as error:
             log.warning("statbate_model_snapshot_failed", kind=error.kind, status=error.status)
-            self.plan.model = self.clock() + MODEL_RETRY
+            self.plan.model = self._after(MODEL_RETRY)
             return
-        captured_at = self.clock()
+        captured_at, taken = self.clock(), self.monotonic()
         rid = external_id(payload, "rid")
         if rid is None:
             stored = await db.record_snapshot(
@@ -381,10 +419,10 @@ class _Scheduler:
             stored = outcome.inserted
         if stored:
             self._counted("statbate_model")
-        self.plan.model = captured_at + MODEL_INTERVAL
+        self.plan.model = self._after(MODEL_INTERVAL, since=taken)
 
     async def _take_members(self, client: statbate_api.StatbateClient) -> None:
-        now = self.clock()
+        now = self.clock()  # who is stale is a question about the stored (wall-clock) history
         ttl = dt.timedelta(hours=self.settings.member_snapshot_ttl_hours)
         due = await db.due_member_lookups(
             self.pool,
@@ -394,7 +432,7 @@ class _Scheduler:
             limit=statbate_api.MAX_BATCH,
         )
         if not due:
-            self.plan.members = now + IDLE_RECHECK
+            self.plan.members = self._after(IDLE_RECHECK)
             return
         await self.bucket.acquire()
         if self.stop.is_set():
@@ -406,14 +444,14 @@ class _Scheduler:
             return
         except errors.ApiError as error:
             log.warning("statbate_member_batch_failed", kind=error.kind, status=error.status, names=len(due))
-            self.plan.members = self.clock() + MEMBER_RETRY
+            self.plan.members = self._after(MEMBER_RETRY)
             return
         captured_at = self.clock()
         by_name = {member.name: member for member in due}
         for item in items:
             await self._store_member(by_name[item.requested], item, captured_at)
         # More may be due right away: the bucket, not this plan, spaces the next batch.
-        self.plan.members = self.clock()
+        self.plan.members = self.monotonic()
 
     async def _store_member(
         self, member: db.DueMember, item: statbate_api.BatchItem, captured_at: dt.datetime
@@ -439,7 +477,8 @@ class _Scheduler:
     async def _member_missing(
         self, member: db.DueMember, item: statbate_api.BatchItem, captured_at: dt.datetime
     ) -> None:
-        """A per-item error or null did: a not_found failure row, and no new question for `NOT_FOUND_TTL`."""
+        """A per-item error, or a did that is null or no usable id: a not_found failure row, and no new
+        question for `NOT_FOUND_TTL`."""
         metrics.API_FAILURES.labels(statbate_api.API, "not_found").inc()
         failure = db.ApiFailure(
             api=statbate_api.API,
@@ -449,7 +488,7 @@ class _Scheduler:
             ),
             error_kind="not_found",
             http_status=200,
-            body_excerpt=logs.mask(f"{member.name}: {item.error}"),
+            body_excerpt=logs.mask(f"{member.name}: {item.error or 'did is no usable id'}"),
             occurred_at=captured_at,
         )
         await self.on_failure(failure)
@@ -513,6 +552,7 @@ async def run_scheduler(
     stop: asyncio.Event,
     on_failure: api_http.FailureRecorder,
     clock: Clock = db.utc_now,
+    monotonic: Monotonic = time.monotonic,
     sleep: Sleep | None = None,
     jitter: Callable[[], float] = random.random,
     request_timeout: float = statbate_api.DEFAULT_TIMEOUT,
@@ -520,8 +560,10 @@ async def run_scheduler(
     """The snapshot task: returns when `stop` is set. Expected API failures are recorded and waited out here;
     storage errors are retried after a pause; anything else propagates to the supervisor.
 
-    `clock` gives naive-UTC now; `sleep(seconds)` is every wait (periodic, rate limit, retry backoff) and by
-    default waits on `stop` with a timeout, so the task stops promptly. Tests inject both.
+    `clock` gives naive-UTC now, for what is stored and for reading the stored history at start; `monotonic`
+    times every wait and deadline, so setting the wall clock neither stalls nor hurries a schedule.
+    `sleep(seconds)` is every wait (periodic, rate limit, retry backoff) and by default waits on `stop` with a
+    timeout, so the task stops promptly. Tests inject all three.
     """
     wait: Sleep = sleep or (lambda seconds: api_http.stop_aware_sleep(stop, seconds))
 
@@ -544,6 +586,7 @@ async def run_scheduler(
         else None,
         stats=stats_api.StatsClient.from_settings(session, settings, record, **options) if stats_on else None,
         clock=clock,
+        monotonic=monotonic,
         sleep=wait,
         jitter=jitter,
     )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import json
 from typing import Any
 
 from daemon import snapshots, statbate_api
 from tests.seed_examples import json_blocks_under
-
-T0 = dt.datetime(2025, 8, 16, 20, 0, 0)
 
 
 def test_member_example_of_the_seed() -> None:
@@ -110,6 +108,39 @@ def test_model_normalization() -> None:
     assert snapshots.external_id({"data": {"rid": None}}, "rid") is None
 
 
+def test_absurd_numbers_are_stored_as_jsonb_can_hold_them() -> None:
+    """jsonb holds any integer but no NaN or infinity; a digit string past Python's 4,300-digit int limit
+    would otherwise raise, and its float is infinite."""
+    huge = 10**300
+    metrics = snapshots.normalize_member(
+        {
+            "did": huge,
+            "all_time_tokens": "9" * 5000,
+            "last_tip_amount": "nan",
+            "models_tipped_2weeks": "1e999",
+        }
+    )
+    assert metrics == {
+        "did": huge,
+        "all_time_tokens": None,
+        "last_tip_amount": None,
+        "models_tipped_2weeks": None,
+    }
+    assert snapshots.normalize_stats({"token_balance": float("inf"), "votes_up": float("nan")}) == {
+        "token_balance": None,
+        "votes_up": None,
+    }
+    json.dumps(metrics, allow_nan=False)
+
+
+def test_an_id_the_persons_table_cannot_hold_is_no_id() -> None:
+    """persons.did/rid are INTEGER: beyond it (let alone BIGINT or 300 digits) an id would fail the write."""
+    for value in (10**300, "1" * 300, "9" * 5000, 2**63, -(2**63) - 1, 2**31, -(2**31) - 1, 1e300, 2.5):
+        assert snapshots.external_id({"did": value}, "did") is None, value
+    for value, expected in ((2**31 - 1, 2**31 - 1), (-(2**31), -(2**31)), ("42", 42), (42.0, 42)):
+        assert snapshots.external_id({"data": {"rid": value}}, "rid") == expected
+
+
 def test_batch_items_match_by_name_then_position() -> None:
     data: list[dict[str, Any]] = [
         {"name": "alice", "did": 1, "error": None},
@@ -128,18 +159,18 @@ def test_batch_items_match_by_name_then_position() -> None:
 
 
 async def test_token_bucket_spaces_requests_within_the_limit() -> None:
-    now = [T0]
+    now = [1234.5]  # the monotonic clock's origin is arbitrary
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
-        now[0] += dt.timedelta(seconds=seconds)
+        now[0] += seconds
 
-    bucket = snapshots.TokenBucket(6, clock=lambda: now[0], sleep=sleep, jitter=lambda: 0.5)
+    bucket = snapshots.TokenBucket(6, monotonic=lambda: now[0], sleep=sleep, jitter=lambda: 0.5)
     moments = []
     for _ in range(20):
         await bucket.acquire()
         moments.append(now[0])
     for index in range(len(moments) - 6):
-        assert moments[index + 6] - moments[index] >= dt.timedelta(minutes=1), "7 requests inside a minute"
+        assert moments[index + 6] - moments[index] >= 60, "7 requests inside a minute"
     assert waits and all(wait >= 10 for wait in waits), "6 per minute means 10 s apart, jitter only adds"

@@ -1,7 +1,7 @@
-"""The snapshot scheduler against a real PostgreSQL and the simulators, on an injected clock.
+"""The snapshot scheduler against a real PostgreSQL and the simulators, on injected clocks.
 
 Simulated time moves only when the scheduler waits, so schedules and rate limits are checked exactly without
-any wall-clock timing.
+any wall-clock timing. The wall clock follows it, plus any jumps a test sets.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import io
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,23 +30,40 @@ STATS_TOKEN = "SchedStatsSecret87654321"
 BROADCASTER = "hudson_cage"
 
 
-class FakeTime:
-    """Naive-UTC simulated time; every wait advances it, and reaching `end` sets the stop event."""
+Jumps = tuple[tuple[dt.timedelta, dt.timedelta], ...]  # (after this much time, set the wall clock by this)
 
-    def __init__(self, start: dt.datetime, end: dt.datetime, stop: asyncio.Event) -> None:
-        self.current, self.end, self.stop = start, end, stop
-        self.waits: list[float] = []
+
+class FakeTime:
+    """Simulated time from `start` to `end`: every wait advances it, and reaching `end` sets the stop event.
+
+    `monotonic` starts at an arbitrary origin; the naive-UTC wall clock (`now`) is `start` plus the time
+    passed plus every jump whose moment has come, as when an operator or NTP sets the clock.
+    """
+
+    def __init__(self, start: dt.datetime, end: dt.datetime, stop: asyncio.Event, jumps: Jumps = ()) -> None:
+        self.start, self.stop, self.jumps = start, stop, jumps
+        self.length = (end - start).total_seconds()
+        self.elapsed = 0.0
+
+    def monotonic(self) -> float:
+        return 86_400.0 + self.elapsed
+
+    def wall(self, elapsed: float) -> dt.datetime:
+        shift = sum((by for at, by in self.jumps if at.total_seconds() <= elapsed), dt.timedelta())
+        return self.start + dt.timedelta(seconds=elapsed) + shift
 
     def now(self) -> dt.datetime:
-        return self.current
+        return self.wall(self.elapsed)
 
     def seconds(self) -> float:
-        return (self.current - T0).total_seconds()
+        """The time the simulators stamp requests with: seconds since T0, which no wall-clock jump moves."""
+        return (self.start - T0).total_seconds() + self.elapsed
 
     async def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.current += dt.timedelta(seconds=max(0.0, seconds))
-        if self.current >= self.end:
+        # On a grid of 1/1024 s every sum and difference of these times is exact in binary floating point, so
+        # a deadline is met exactly (a jittered retry wait is rounded up onto the grid).
+        self.elapsed += math.ceil(max(0.0, seconds) * 1024) / 1024
+        if self.elapsed >= self.length:
             self.stop.set()
         await asyncio.sleep(0)
 
@@ -72,9 +90,11 @@ class World:
         values.update(overrides)
         return config.Settings(**values)
 
-    async def run(self, start: dt.datetime, end: dt.datetime, **overrides: Any) -> runtime_state.RuntimeState:
+    async def run(
+        self, start: dt.datetime, end: dt.datetime, jumps: Jumps = (), **overrides: Any
+    ) -> runtime_state.RuntimeState:
         stop = asyncio.Event()
-        time = FakeTime(start, end, stop)
+        time = FakeTime(start, end, stop, jumps)
         self.clock[:] = [time]
         state = runtime_state.RuntimeState()
 
@@ -90,6 +110,7 @@ class World:
                 stop=stop,
                 on_failure=record,
                 clock=time.now,
+                monotonic=time.monotonic,
                 sleep=time.sleep,
                 jitter=lambda: 0.0,
                 request_timeout=0.3,
@@ -431,3 +452,118 @@ async def test_demo_pieces_auto_members_and_counts(world: World) -> None:
     text = reports.render_snapshot_counts(await db.snapshot_counts(pool))
     assert text.splitlines()[0].split() == ["SOURCE", "SNAPSHOTS", "NEWEST"] and "statbate_member  2" in text
     assert reports.render_snapshot_counts([]) == "no snapshots yet"
+
+
+YEAR = dt.timedelta(days=365)
+
+
+@pytest.mark.parametrize("first", [YEAR, -YEAR], ids=["ahead_then_back", "back_then_ahead"])
+async def test_wall_clock_jumps_leave_every_interval_as_configured(world: World, first: dt.timedelta) -> None:
+    """The wall clock is set a year one way 40 s in and back at 19.5 min; every interval holds on the real
+    (simulator's) time, and every row is stamped with the wall clock of its moment."""
+    pool, sim = world.pool, world.statbate
+    tippers = [f"tipper{n:03d}" for n in range(150)]
+    for name in tippers:
+        await seen(pool, name, "TIP_EVENT")
+        sim.add_member(name)
+    sim.add_model(BROADCASTER)
+    jumps = ((dt.timedelta(seconds=40), first), (dt.timedelta(minutes=19, seconds=30), -first))
+
+    await world.run(T0, T0 + dt.timedelta(hours=3, minutes=5), jumps=jumps)
+    time = world.clock[0]
+
+    stats_at = [r.at for r in world.stats.recorder.requests]
+    assert stats_at == [300.0 * n for n in range(37)], "every 5 minutes"
+    stats_rows = await snapshot_rows(pool, "cb_stats")
+    assert sorted(r["captured_at"] for r in stats_rows) == sorted(time.wall(at) for at in stats_at)
+    assert [r.at for r in sim.recorder.requests if "/model/" in r.path] == [0.0, 3 * 3600.0], "every 3 hours"
+    batches = [(r.at, len(r.names)) for r in sim.recorder.requests if r.method == "POST"]
+    if first > dt.timedelta(0):
+        # The second batch was chosen before the jump; a year on, the first hundred look a year old in the
+        # stored history, so they are due again. The bucket spaces the batches 30 s apart (2 a minute).
+        assert batches == [(30.0, 100), (60.0, 50), (90.0, 100)]
+    else:
+        # A year back, the first hundred are fresh; back in the present, the fifty stamped a year ago are due.
+        assert batches == [(30.0, 100), (60.0, 50), (20 * 60.0, 50)]
+    assert sim.recorder.max_in_any_window(60) <= 2
+    member_rows = await snapshot_rows(pool, "statbate_member")
+    assert {r["username"] for r in member_rows} == set(tippers)
+    assert sorted(r["captured_at"] for r in member_rows) == sorted(
+        time.wall(at) for at, size in batches for _ in range(size)
+    )
+
+
+async def test_history_written_while_the_clock_was_ahead_does_not_stall_a_restart(world: World) -> None:
+    """A Stats snapshot, a Stats 403 and a model miss stamped a year ahead; after a restart on the right
+    time, Stats and the model are asked at once and Stats every 5 minutes after."""
+    pool, ahead = world.pool, T0 + YEAR
+    await world.run(ahead, ahead + dt.timedelta(minutes=1))  # model unknown: a miss a year ahead
+    world.stats.faults.add("forbidden")
+    await world.run(ahead + dt.timedelta(minutes=5), ahead + dt.timedelta(minutes=6))
+    assert [r.at for r in world.stats.recorder.requests] == [YEAR.total_seconds(), YEAR.total_seconds() + 300]
+    assert await pool.fetchval("SELECT count(*) FROM snapshot_misses") == 1
+    assert await pool.fetchval("SELECT count(*) FROM api_failures WHERE api = 'cb_stats'") == 1
+    world.stats.recorder.requests.clear()
+    world.statbate.recorder.requests.clear()
+    world.statbate.add_model(BROADCASTER)
+
+    await world.run(T0, T0 + dt.timedelta(minutes=11))
+
+    assert [r.at for r in world.stats.recorder.requests] == [0.0, 300.0, 600.0]
+    assert [r.at for r in world.statbate.recorder.requests if "/model/" in r.path] == [0.0]
+    stats_rows = await snapshot_rows(pool, "cb_stats")
+    assert [r["captured_at"] for r in stats_rows] == [T0 + dt.timedelta(minutes=m) for m in (0, 5, 10)] + [
+        ahead
+    ]
+    assert [r["captured_at"] for r in await snapshot_rows(pool, "statbate_model")] == [T0]
+
+
+async def test_absurd_ids_store_no_wrong_id_and_do_not_stop_the_scheduler(world: World) -> None:
+    """A did or rid of hundreds of digits, or one past BIGINT or the INTEGER columns: no id is stored, the
+    member counts as not found, the model answer is a plain snapshot, and the schedule goes on."""
+    pool, sim = world.pool, world.statbate
+    absurd = {
+        "huge": 10**300,
+        "huge_text": "1" * 300,
+        "endless_text": "9" * 5000,  # past Python's 4,300-digit int limit
+        "past_bigint": 2**63,
+        "past_integer": 2**31,
+    }
+    for name, did in {"fine": 4242, **absurd}.items():
+        await seen(pool, name, "TIP_EVENT")
+        sim.add_member(name, did=4242 if did == 4242 else None)
+        sim.members[name]["did"] = did
+    sim.add_model(BROADCASTER, rid=10**300)
+
+    await world.run(T0, T0 + dt.timedelta(minutes=6))
+
+    assert "snapshot_storage_failed" not in world.log.getvalue()
+    dids = await pool.fetch("SELECT username, did, rid FROM persons WHERE did IS NOT NULL OR rid IS NOT NULL")
+    assert [(r["username"], r["did"], r["rid"]) for r in dids] == [("fine", 4242, None)]
+    assert [r["username"] for r in await snapshot_rows(pool, "statbate_member")] == ["fine"]
+    misses = await pool.fetch("SELECT username FROM snapshot_misses WHERE source = 'statbate_member'")
+    assert sorted(r["username"] for r in misses) == sorted(absurd)
+    failures = await pool.fetch("SELECT body_excerpt FROM api_failures WHERE error_kind = 'not_found'")
+    assert sorted(r["body_excerpt"] for r in failures) == sorted(
+        f"{name}: did is no usable id" for name in absurd
+    )
+    (model_row,) = await snapshot_rows(pool, "statbate_model")
+    assert model_row["raw_payload"]["data"]["rid"] == 10**300
+    assert model_row["normalized_metrics"]["rid"] == 10**300, "jsonb is numeric: the figure itself is kept"
+    assert [r["captured_at"] for r in await snapshot_rows(pool, "cb_stats")] == [
+        T0,
+        T0 + dt.timedelta(minutes=5),
+    ]
+    assert len([r for r in sim.recorder.requests if r.method == "POST"]) == 1, (
+        "the misses are not asked again"
+    )
+
+
+@pytest.mark.parametrize("retry_after", [float("inf"), 1e12])
+async def test_an_absurd_retry_after_neither_stops_nor_stalls_stats(world: World, retry_after: float) -> None:
+    """A 429's Retry-After of forever (or 30,000 years) is not believed past `STATS_BACKOFF_MAX`."""
+    world.stats.faults.add("rate_limited", retry_after=retry_after)
+
+    await world.run(T0, T0 + dt.timedelta(hours=1, minutes=1), statbate_token=None)
+
+    assert [r.at for r in world.stats.recorder.requests] == [0.0, 3600.0]
