@@ -723,6 +723,7 @@ async def newest_api_failure_at(pool: asyncpg.Pool, api: str, kinds: tuple[str, 
 async def due_member_lookups(
     pool: asyncpg.Pool,
     *,
+    now: dt.datetime,
     stale_before: dt.datetime,
     missed_before: dt.datetime,
     broadcaster: str,
@@ -738,6 +739,7 @@ async def due_member_lookups(
             utc_naive(stale_before),
             utc_naive(missed_before),
             limit,
+            utc_naive(now),
         )
     return [DueMember(person_id=row["id"], name=row["name"], priority=row["priority"]) for row in rows]
 

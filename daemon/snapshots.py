@@ -426,6 +426,7 @@ class _Scheduler:
         ttl = dt.timedelta(hours=self.settings.member_snapshot_ttl_hours)
         due = await db.due_member_lookups(
             self.pool,
+            now=now,
             stale_before=now - ttl,
             missed_before=now - NOT_FOUND_TTL,
             broadcaster=self.broadcaster,

@@ -172,7 +172,8 @@ SELECT max(occurred_at) FROM api_failures WHERE api = $1 AND error_kind = ANY($2
 -- name: due_member_lookups
 -- Persons seen in events or on a watchlist whose newest member snapshot is older than $3 (or absent), skipping
 -- excluded persons, the broadcaster ($2), names the API did not know since $4 and names now resolving to
--- another person. Tippers first, then people
+-- another person. A snapshot or miss stamped after $6 (now) was written while the wall clock ran ahead: it
+-- does not count, so no clock jump can hold a lookup back. Tippers first, then people
 -- who messaged, then watchlist members, then the rest; never-snapshotted before stale within a rank.
 WITH reasons AS (
   SELECT i.person_id,
@@ -196,12 +197,12 @@ LEFT JOIN LATERAL (
 ) alias ON true
 LEFT JOIN LATERAL (
   SELECT max(s.captured_at) AS captured_at FROM snapshots s
-  WHERE s.person_id = p.id AND s.source = 'statbate_member'
+  WHERE s.person_id = p.id AND s.source = 'statbate_member' AND s.captured_at <= $6
 ) newest ON true
 LEFT JOIN snapshot_misses miss ON miss.person_id = p.id AND miss.source = 'statbate_member'
 WHERE p.platform = $1 AND NOT COALESCE(p.is_excluded, false) AND p.username <> $2
   AND (newest.captured_at IS NULL OR newest.captured_at <= $3)
-  AND (miss.missed_at IS NULL OR miss.missed_at <= $4)
+  AND (miss.missed_at IS NULL OR miss.missed_at <= $4 OR miss.missed_at > $6)
   -- A name that is now another person's current alias (a rename linked by did) is that person's to refresh.
   AND NOT EXISTS (
     SELECT 1 FROM person_aliases taken
