@@ -302,7 +302,20 @@ class Supervisor:
         return record
 
     async def _record_failures(self, pool: db.Pool) -> None:
-        """Write the failure rows that wait in memory, oldest first; those the database refuses wait on."""
+        """Write the failure rows that wait in memory, oldest first; those the database refuses wait on.
+        Damaged spool records set aside meanwhile are among them."""
+        for damaged in self.disk_spool.take_damaged():
+            self.state.failures += 1
+            self._unrecorded.append(
+                db.ApiFailure(
+                    api="spool",
+                    operation="drain",
+                    url=str(damaged.path or self.disk_spool.path),
+                    error_kind="damaged_record",
+                    body_excerpt=f"offset {damaged.offset}, {damaged.length} bytes: {damaged.reason}",
+                    occurred_at=damaged.found_at,
+                )
+            )
         while self._unrecorded:
             failure = self._unrecorded[0]
             try:
@@ -406,12 +419,14 @@ class Supervisor:
             pages = [*self._in_memory, page] if was_empty else [page]
             try:
                 self.disk_spool.append_many([_spooled(item) for item in pages])
-            except spool.SpoolFull:
+            except (spool.SpoolFull, OSError) as error:
+                # Full, or the disk refused (ENOSPC, EIO): polling waits on this page, the API keeps the rest.
                 if not full_logged:
                     log.error(
                         "spool_full_polling_paused",
                         spool_bytes=self.disk_spool.size,
                         limit_mb=self.settings.spool_max_mb,
+                        error=logs.mask(str(error)),
                         hint="database unreachable; nothing is dropped: the API keeps what is not fetched",
                     )
                     full_logged = True
@@ -446,6 +461,7 @@ class Supervisor:
                 end_offset, spooled_page = spooled
                 await self._commit(pool, [self._parsed(spooled_page)])
                 self.disk_spool.committed(end_offset)
+                await self._record_failures(pool)  # damaged records met on the way
                 self._spool_gauge()
                 if not self.disk_spool.has_pages():
                     log.info("spool_drained")
