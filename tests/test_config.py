@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config, errors
+from daemon import config, credentials, errors, logs
 
 BAD_VALUES = [
     ("MHC_DATABASE_URL", "mysql://root@localhost/db", "must be a postgresql:// URL"),
@@ -92,3 +92,77 @@ def test_secret_values_are_never_echoed(monkeypatch: pytest.MonkeyPatch, tmp_pat
     with pytest.raises(errors.ConfigError) as caught:
         config.load()
     assert "sekrit" not in str(caught.value)
+
+
+def _without_mhc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in list(os.environ):
+        if key.startswith("MHC_") or key == config.CREDENTIALS_DIRECTORY:
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_tokens_come_from_files_and_systemd_credentials(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _without_mhc(monkeypatch, tmp_path)
+    (tmp_path / "events").write_text("events-token-from-file\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "statbate_token").write_text("  statbate-token-from-systemd  ")
+    monkeypatch.setenv("MHC_CB_EVENTS_TOKEN_FILE", str(tmp_path / "events"))
+    monkeypatch.setenv("MHC_CB_STATS_TOKEN", "stats-token-from-variable")
+    monkeypatch.setenv(config.CREDENTIALS_DIRECTORY, str(credentials))
+    settings = config.load()
+    tokens = {name: getattr(settings, name).get_secret_value() for name in config.TOKEN_SETTINGS}
+    assert tokens == {
+        "cb_events_token": "events-token-from-file",
+        "cb_stats_token": "stats-token-from-variable",
+        "statbate_token": "statbate-token-from-systemd",
+    }
+    assert "from-file" not in repr(settings) and "from-systemd" not in repr(settings)
+
+
+@pytest.mark.parametrize("problem", ["both", "unreadable"])
+def test_a_token_file_problem_exits_78_with_one_line(tmp_path: Path, problem: str) -> None:
+    env = _clean_env(tmp_path) | {"MHC_CB_EVENTS_TOKEN_FILE": str(tmp_path / "missing-token")}
+    if problem == "both":
+        (tmp_path / "missing-token").write_text("tok-from-file-tok")
+        env["MHC_CB_EVENTS_TOKEN"] = "tok-from-variable-tok"
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == errors.EX_CONFIG, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MHC_CB_EVENTS_TOKEN" in lines[0], result.stderr
+    expected = "not both" if problem == "both" else "cannot read"
+    assert expected in lines[0] and "tok-from" not in lines[0]
+    assert not (tmp_path / "data").exists(), "nothing may start before the configuration is valid"
+
+
+def test_credentials_reload_reads_rotated_files_and_keeps_a_good_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _without_mhc(monkeypatch, tmp_path)
+    token_file = tmp_path / "events"
+    token_file.write_text("first-token-value")
+    monkeypatch.setenv("MHC_CB_EVENTS_TOKEN_FILE", str(token_file))
+    tokens = credentials.Credentials(config.load())
+    current = tokens.provider("cb_events_token")
+    assert current() == "first-token-value"
+    token_file.write_text("second-token-value\n")
+    assert tokens.reload() == ["cb_events_token"]
+    assert current() == "second-token-value"
+    for broken in ("", None):  # a half-written rotation (empty), then a removed file: the token stays
+        if broken is None:
+            token_file.unlink()
+        else:
+            token_file.write_text(broken)
+        assert tokens.reload() == []
+        assert current() == "second-token-value"
+    assert logs.mask("first-token-value and second-token-value") == f"{logs.MASK} and {logs.MASK}"

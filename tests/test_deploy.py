@@ -67,6 +67,9 @@ def test_unit_keeps_its_contract_with_the_daemon() -> None:
     (watchdog,) = _values("WatchdogSec")
     assert int(watchdog) > 0
     assert _values("ExecStart")[0].split()[1:] == ["run"]
+    assert _values("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    credentials = [value.partition(":")[0] for value in _values("LoadCredential")]
+    assert credentials == ["cb_events_token"] and set(credentials) <= set(config.TOKEN_SETTINGS)
 
 
 def test_unit_verifies_clean(tmp_path: Path) -> None:
@@ -80,6 +83,10 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
     shutil.copy(UNIT, tmp_path / "etc/systemd/system" / UNIT.name)
     script = Path(sys.executable).parent / "mhc-daemon"
     shutil.copy(script, tmp_path / "usr/local/bin/mhc-daemon")
+    # ExecReload's /bin/kill, laid out as a merged-/usr system has it.
+    (tmp_path / "usr/bin").mkdir()
+    shutil.copy(shutil.which("kill") or "/usr/bin/kill", tmp_path / "usr/bin/kill")
+    (tmp_path / "bin").symlink_to("usr/bin")
     result = subprocess.run(
         [analyze, "verify", f"--root={tmp_path}", UNIT.name],
         capture_output=True,
@@ -131,5 +138,5 @@ def test_env_example_loads_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.chdir(tmp_path)
     settings = config.load(_env_file=ENV_EXAMPLE)
     assert settings.cb_username == "your_broadcaster_name"
-    assert settings.cb_events_token is not None
+    assert settings.cb_events_token is None, "tokens are credentials or files, not lines of the env file"
     assert settings.health_host == "127.0.0.1"
