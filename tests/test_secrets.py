@@ -37,7 +37,7 @@ async def _every_stored_text(connection: asyncpg.Connection) -> str:
         """SELECT table_name, column_name FROM information_schema.columns
            WHERE table_schema = 'public' AND data_type IN ('text', 'character varying', 'json', 'jsonb')"""
     )
-    parts = []
+    parts: list[str] = []
     for column in columns:
         rows = await connection.fetch(
             f'SELECT "{column["column_name"]}"::text AS value FROM "{column["table_name"]}"'
