@@ -50,7 +50,7 @@ async def _run(settings: config.Settings, args: argparse.Namespace) -> int:
         name
         for name, value in (
             ("MHC_CB_USERNAME", settings.cb_username),
-            ("MHC_CB_EVENTS_TOKEN", settings.cb_events_token),
+            ("MHC_CB_EVENTS_TOKEN (or MHC_CB_EVENTS_TOKEN_FILE)", settings.cb_events_token),
         )
         if not value
     ]
