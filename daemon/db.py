@@ -128,7 +128,9 @@ async def single_connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """One connection outside the pool, for migrations (a session-level advisory lock needs one session)."""
     with translate_errors():
         connection: asyncpg.Connection = await asyncpg.connect(
-            dsn, server_settings={"timezone": "UTC", "application_name": "mhc-daemon-migrate"}
+            dsn,
+            server_settings={"timezone": "UTC", "application_name": "mhc-daemon-migrate"},
+            timeout=CONNECT_TIMEOUT_SECONDS,
         )
     try:
         yield connection

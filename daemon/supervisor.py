@@ -403,7 +403,7 @@ class Supervisor:
         """
         full_logged = False
         while True:
-            if self.state.database_up and not self.disk_spool.has_pages():
+            if self.database_ready.is_set() and self.state.database_up and not self.disk_spool.has_pages():
                 # Listed before the put: the writer may take and commit the page before this task resumes.
                 self._in_memory.append(page)
                 try:
