@@ -91,7 +91,7 @@ def _iso(moment: float | dt.datetime | None) -> str | None:
     return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat()
 
 
-def _failure_json(failure: db.ApiFailure) -> dict[str, Any]:
+def _failure_json(failure: errors.ApiFailure) -> dict[str, Any]:
     return {
         "occurred_at": _iso(failure.occurred_at),
         "api": failure.api,

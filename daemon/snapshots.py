@@ -18,7 +18,18 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from daemon import api_http, config, db, errors, logs, metrics, runtime_state, statbate_api, stats_api
+from daemon import (
+    api_http,
+    config,
+    db,
+    errors,
+    logs,
+    metrics,
+    runtime_state,
+    statbate_api,
+    stats_api,
+    waits,
+)
 
 log = logs.get_logger(__name__)
 
@@ -441,7 +452,7 @@ class _Scheduler:
     ) -> None:
         """A per-item error or null did: a not_found failure row, and no new question for `NOT_FOUND_TTL`."""
         metrics.API_FAILURES.labels(statbate_api.API, "not_found").inc()
-        failure = db.ApiFailure(
+        failure = errors.ApiFailure(
             api=statbate_api.API,
             operation="member_info_batch",
             url=logs.mask(
@@ -523,9 +534,13 @@ async def run_scheduler(
     `clock` gives naive-UTC now; `sleep(seconds)` is every wait (periodic, rate limit, retry backoff) and by
     default waits on `stop` with a timeout, so the task stops promptly. Tests inject both.
     """
-    wait: Sleep = sleep or (lambda seconds: api_http.stop_aware_sleep(stop, seconds))
 
-    async def record(failure: db.ApiFailure) -> None:
+    async def stop_aware(seconds: float) -> None:
+        await waits.wait_for_stop(stop, seconds)
+
+    wait: Sleep = sleep or stop_aware
+
+    async def record(failure: errors.ApiFailure) -> None:
         # Failure rows carry the scheduler's clock, the same one its plan reads them back with.
         await on_failure(
             failure if failure.occurred_at else dataclasses.replace(failure, occurred_at=clock())

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from daemon import (
+    api_http,
     config,
     database_server,
     db,
@@ -120,7 +121,9 @@ class Supervisor:
             self.state.database_up = True
             self.state.migrations_current = await db.schema_is_current(pool)
             session = await stack.enter_async_context(
-                aiohttp.ClientSession(headers={"User-Agent": "mhc-daemon"}, raise_for_status=False)
+                aiohttp.ClientSession(
+                    headers={"User-Agent": "mhc-daemon"}, raise_for_status=False, auto_decompress=False
+                )
             )
             await stack.enter_async_context(health.serve(pool, settings, self.state))
             self.state.live_session_id = await self._live_session(pool)
@@ -128,14 +131,16 @@ class Supervisor:
 
     async def _run_tasks(self, pool: db.Pool, session: aiohttp.ClientSession) -> None:
         settings = self.settings
+        token = settings.cb_events_token.get_secret_value() if settings.cb_events_token else ""
         client = events_api.EventsClient(
             session,
             base_url=settings.cb_events_base_url,
             username=settings.cb_username,
-            token=settings.cb_events_token.get_secret_value() if settings.cb_events_token else "",
+            token=lambda: token,
             timeout=settings.cb_events_timeout,
             on_failure=self._failure_recorder(pool),
             state=self.state,
+            max_body_bytes=settings.api_max_body_bytes,
             backoff_max=self.backoff_max,
             auth_retry_seconds=self.auth_retry_seconds,
             sleep=self._poll_sleep,
@@ -195,8 +200,8 @@ class Supervisor:
                 name="snapshot_scheduler",
             )
 
-    def _failure_recorder(self, pool: db.Pool) -> events_api.Recorder:
-        async def record(failure: db.ApiFailure) -> None:
+    def _failure_recorder(self, pool: db.Pool) -> api_http.FailureRecorder:
+        async def record(failure: errors.ApiFailure) -> None:
             self.state.failures += 1
             try:
                 await db.record_api_failure(pool, failure)

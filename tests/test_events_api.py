@@ -17,7 +17,7 @@ import pytest
 import yarl
 from hypothesis import strategies as st
 
-from daemon import db, errors, events_api, logs, runtime_state
+from daemon import api_http, errors, events_api, logs, runtime_state
 from daemon.simulator import events, traffic
 
 TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
@@ -32,7 +32,7 @@ class Harness:
     sim: events.EventsSimulator
     client: events_api.EventsClient
     state: runtime_state.RuntimeState
-    failures: list[db.ApiFailure]
+    failures: list[errors.ApiFailure]
     sleeps: list[float]
 
     def kinds(self) -> list[str]:
@@ -45,22 +45,23 @@ class Harness:
 def _client(
     session: aiohttp.ClientSession,
     sim: events.EventsSimulator,
-    failures: list[db.ApiFailure],
+    failures: list[errors.ApiFailure],
     sleeps: list[float],
     state: runtime_state.RuntimeState,
     **overrides: Any,
 ) -> events_api.EventsClient:
-    async def record(failure: db.ApiFailure) -> None:
+    async def record(failure: errors.ApiFailure) -> None:
         failures.append(failure)
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
         await asyncio.sleep(0)
 
+    token: str = overrides.pop("token", sim.token)
     settings: dict[str, Any] = {
         "base_url": sim.base_url,
         "username": sim.username,
-        "token": sim.token,
+        "token": lambda: token,
         "timeout": 0,
         "on_failure": record,
         "state": state,
@@ -80,7 +81,7 @@ async def harness() -> AsyncIterator[Harness]:
         events.EventsSimulator(token=TOKEN, events=STREAM, page_size=100) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         sleeps: list[float] = []
         state = runtime_state.RuntimeState()
         yield Harness(sim, _client(session, sim, failures, sleeps, state), state, failures, sleeps)
@@ -109,7 +110,7 @@ async def _drain(client: events_api.EventsClient, url: events_api.EventsUrl) -> 
 
 
 async def test_start_url_is_built_and_masked() -> None:
-    async def record(failure: db.ApiFailure) -> None:
+    async def record(failure: errors.ApiFailure) -> None:
         raise AssertionError(failure)
 
     async with aiohttp.ClientSession() as session:
@@ -117,7 +118,7 @@ async def test_start_url_is_built_and_masked() -> None:
             session,
             base_url="https://eventsapi.example:8443/",
             username="ali ce/x",
-            token="zq/en?with&odd=chars",
+            token=lambda: "zq/en?with&odd=chars",
             timeout=30,
             on_failure=record,
             state=runtime_state.RuntimeState(),
@@ -141,7 +142,7 @@ async def test_start_url_is_built_and_masked() -> None:
 
 @pytest.mark.parametrize(("username", "token"), [("", TOKEN), ("alice", ""), ("   ", TOKEN), ("alice", "  ")])
 async def test_empty_credentials_are_a_config_error(username: str, token: str) -> None:
-    async def record(failure: db.ApiFailure) -> None:
+    async def record(failure: errors.ApiFailure) -> None:
         raise AssertionError(failure)
 
     async with aiohttp.ClientSession() as session:
@@ -150,7 +151,7 @@ async def test_empty_credentials_are_a_config_error(username: str, token: str) -
                 session,
                 base_url="http://127.0.0.1:1",
                 username=username,
-                token=token,
+                token=lambda: token,
                 timeout=0,
                 on_failure=record,
                 state=runtime_state.RuntimeState(),
@@ -204,7 +205,7 @@ async def test_server_errors_are_retried_and_recorded(harness: Harness, status: 
     assert all(f.api == "cb_events" and f.operation == "poll" for f in harness.failures)
     assert all(f.url.endswith("/events/alice_cam/***/?timeout=0") for f in harness.failures)
     excerpt = harness.failures[0].body_excerpt
-    assert excerpt is not None and len(excerpt) <= events_api.EXCERPT_CHARS
+    assert excerpt is not None and len(excerpt) <= errors.BODY_EXCERPT_CHARS
     assert ("Cloudflare" in excerpt) == (status >= 520)
     assert len(harness.sleeps) == 2 and all(0 < wait <= BACKOFF_MAX for wait in harness.sleeps)
 
@@ -221,12 +222,12 @@ async def test_429_honours_retry_after(harness: Harness) -> None:
 
 def test_retry_after_parsing() -> None:
     now = dt.datetime(2025, 8, 16, 12, 0, 0, tzinfo=dt.UTC)
-    assert events_api.parse_retry_after("120") == 120.0
-    assert events_api.parse_retry_after("999999") == events_api.MAX_RETRY_AFTER
-    assert events_api.parse_retry_after("Sat, 16 Aug 2025 12:00:30 GMT", now) == 30.0
-    assert events_api.parse_retry_after("Sat, 16 Aug 2025 11:00:00 GMT", now) == 0.0
-    assert events_api.parse_retry_after("soon") is None
-    assert events_api.parse_retry_after(None) is None
+    assert api_http.parse_retry_after("120") == 120.0
+    assert api_http.parse_retry_after("999999") == api_http.RETRY_AFTER_MAX_SECONDS
+    assert api_http.parse_retry_after("Sat, 16 Aug 2025 12:00:30 GMT", now) == 30.0
+    assert api_http.parse_retry_after("Sat, 16 Aug 2025 11:00:00 GMT", now) == 0.0
+    assert api_http.parse_retry_after("soon") is None
+    assert api_http.parse_retry_after(None) is None
 
 
 async def test_a_hang_past_the_read_timeout_is_a_timeout(harness: Harness) -> None:
@@ -325,7 +326,7 @@ async def test_an_empty_wait_in_the_400_form_keeps_polling() -> None:
         events.EventsSimulator(token=TOKEN, events=stream, empty_status=400) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         page = await client.fetch(client.start_url(stream[-1]["id"]))
         assert page.events == [] and failures == []
@@ -367,7 +368,7 @@ async def test_a_foreign_next_url_is_never_requested(captured_logs: io.StringIO)
     ):
         # Same scheme and host, other port: a real server that would notice any request.
         sim.foreign_base = foreign.base_url
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(events.Fault.foreign_next_url())
         page = await client.fetch(client.start_url(None))
@@ -499,7 +500,7 @@ async def test_any_next_url_from_the_server_is_survived(raw: object) -> None:
         events.EventsSimulator(token=TOKEN, events=stream) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(events.Fault.custom_next_url(raw))
         page = await client.fetch(client.start_url(None))
@@ -522,7 +523,7 @@ async def test_a_rejected_token_flags_readiness_and_recovers(captured_logs: io.S
         events.EventsSimulator(token=TOKEN, events=stream, auth_status=403) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         state = runtime_state.RuntimeState()
         flags_while_waiting: list[bool] = []
         waits: list[float] = []
@@ -574,7 +575,7 @@ async def test_the_token_never_leaks(captured_logs: io.StringIO) -> None:
         events.EventsSimulator(token=token, events=stream, page_size=50) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(
             events.Fault.server_error(500),
@@ -612,7 +613,7 @@ async def test_the_token_never_leaks(captured_logs: io.StringIO) -> None:
 
 
 async def test_a_failing_recorder_does_not_stop_polling(harness: Harness, captured_logs: io.StringIO) -> None:
-    async def broken(failure: db.ApiFailure) -> None:
+    async def broken(failure: errors.ApiFailure) -> None:
         raise errors.DatabaseUnavailable()
 
     async with aiohttp.ClientSession() as session:

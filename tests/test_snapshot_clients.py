@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from daemon import db, errors, logs, statbate_api, stats_api
+from daemon import errors, logs, statbate_api, stats_api
 from daemon.simulator import statbate as statbate_sim
 from daemon.simulator import stats as stats_sim
 
@@ -19,10 +19,10 @@ STATS_TOKEN = "StatsTokenSecret12345678"
 
 class Failures:
     def __init__(self) -> None:
-        self.rows: list[db.ApiFailure] = []
+        self.rows: list[errors.ApiFailure] = []
         self.waits: list[float] = []
 
-    async def record(self, failure: db.ApiFailure) -> None:
+    async def record(self, failure: errors.ApiFailure) -> None:
         self.rows.append(failure)
 
     async def sleep(self, seconds: float) -> None:
@@ -52,7 +52,7 @@ def _statbate(
     return statbate_api.StatbateClient(
         session,
         base_url=sim.base_url,
-        token=sim.token,
+        token=lambda: sim.token,
         on_failure=failures.record,
         sleep=failures.sleep,
         timeout=options.get("timeout", 5.0),
@@ -148,7 +148,7 @@ async def test_wrong_statbate_token_is_auth_rejected(session: aiohttp.ClientSess
         client = statbate_api.StatbateClient(
             session,
             base_url=sim.base_url,
-            token="wrong-token",
+            token=lambda: "wrong-token",
             on_failure=failures.record,
             sleep=failures.sleep,
         )
@@ -166,7 +166,7 @@ async def test_stats_client_shapes_and_failures(
             session,
             url=sim.base_url,
             username="Hudson_Cage",
-            token=STATS_TOKEN,
+            token=lambda: STATS_TOKEN,
             on_failure=failures.record,
             sleep=failures.sleep,
             timeout=0.3,
