@@ -132,7 +132,7 @@ async def _read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
                 raise errors.BadBody("the compressed body is corrupt", status=status) from None
         size += len(chunk)
         if size > limit:
-            raise errors.BadBody(too_large, status=status)
+            raise errors.BadBody(f"the body inflates to more than {limit} bytes", status=status)
         chunks.append(chunk)
     if decoder is not None and not decoder.eof:
         raise errors.BadBody("the compressed body ends early", status=status)
@@ -152,8 +152,8 @@ def _decompressor(content_encoding: str, status: int) -> zlib._Decompress | None
 def error_for_status(response: Response, *, lookup: bool = False) -> errors.ApiError:
     """The error an unsuccessful status means; a 3xx too (redirects are never followed).
 
-    A 404 is `NotFound` for a `lookup` by name (the snapshot APIs); elsewhere (the Events feed's own URL) it is
-    one more refused request.
+    A 404 is `NotFound` for a `lookup` by name (the snapshot APIs); elsewhere (the Events feed's own URL)
+    it is one more refused request.
     """
     status = response.status
     cls = _STATUS_ERRORS.get(status) or (errors.ServerError if status >= 500 else errors.ClientRejected)

@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,8 +18,8 @@ import pytest
 import yarl
 from hypothesis import strategies as st
 
-from daemon import api_http, errors, events_api, logs, runtime_state
-from daemon.simulator import events, traffic
+from daemon import api_http, config, errors, events_api, logs, runtime_state
+from daemon.simulator import events, http_faults, traffic
 
 TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
 BACKOFF_MAX = 0.01
@@ -57,11 +58,11 @@ def _client(
         sleeps.append(seconds)
         await asyncio.sleep(0)
 
-    token: str = overrides.pop("token", sim.token)
+    token = overrides.pop("token", sim.token)  # a string, or a provider
     settings: dict[str, Any] = {
         "base_url": sim.base_url,
         "username": sim.username,
-        "token": lambda: token,
+        "token": token if callable(token) else lambda: token,
         "timeout": 0,
         "on_failure": record,
         "state": state,
@@ -621,3 +622,139 @@ async def test_a_failing_recorder_does_not_stop_polling(harness: Harness, captur
         harness.sim.schedule(events.Fault.server_error())
         assert len((await client.fetch(client.start_url(None))).events) == 100
     assert "api_failure_not_recorded" in captured_logs.getvalue()
+
+
+# -- hostile answers ----------------------------------------------------------------------------------------
+
+HOSTILE_OUTCOMES = {
+    "nesting_bomb": ("bad_body", 200, "nests too deeply"),
+    "gzip_bomb": ("bad_body", 200, "inflates to more than"),
+    "over_cap": ("bad_body", 200, "larger than"),
+    "invalid_utf8": ("bad_body", 200, "not JSON"),
+    "unknown_encoding": ("bad_body", 200, "encoding"),
+    "truncated_http": ("connection", None, "ClientPayloadError"),
+    "malformed_http": ("connection", None, "ClientResponseError"),
+    "redirect_loop": ("http_4xx", 302, "HTTP 302"),
+}
+TOO_MANY_DIGITS = (
+    '{"events": [{"id": "1755376889458-0", "method": "tip", "object": {"tip": {"tokens": '
+    + "9" * 5000
+    + '}}}], "nextUrl": null}'
+)
+
+
+def test_every_hostile_answer_has_an_expected_outcome() -> None:
+    assert set(HOSTILE_OUTCOMES) == set(http_faults.HOSTILE)
+
+
+async def test_hostile_answers_are_recorded_failures_between_valid_pages(captured_logs: io.StringIO) -> None:
+    stream = traffic.generate(250, seed=31)
+    hostile = [events.Fault.hostile(kind) for kind in http_faults.HOSTILE]
+    extra = [
+        # A Content-Length over the cap: refused before a byte of the body is read.
+        events.Fault.raw(200, " " * (config.DEFAULT_API_MAX_BODY_BYTES + 1)),
+        events.Fault.raw(200, TOO_MANY_DIGITS),  # over Python's 4,300-digit int() limit
+    ]
+    async with (
+        events.EventsSimulator(token=TOKEN, events=stream, page_size=50) as sim,
+        aiohttp.ClientSession() as session,
+    ):
+        failures: list[errors.ApiFailure] = []
+        client = _client(session, sim, failures, [], runtime_state.RuntimeState())
+        got: list[dict[str, Any]] = []
+        url = client.start_url(None)
+        for fault in [*hostile, *extra]:  # one hostile answer before each page
+            sim.schedule(fault)
+            page = await client.fetch(url)
+            got += page.events
+            url = page.next_url or client.start_url(page.next_event_id)
+        served = [request.fault for request in sim.requests]
+    assert got == stream
+    assert served == [kind for fault in [*hostile, *extra] for kind in (fault.kind, None)]
+    outcomes = [(f.error_kind, f.http_status) for f in failures]
+    expected = [HOSTILE_OUTCOMES[kind][:2] for kind in http_faults.HOSTILE]
+    assert outcomes == [*expected, ("bad_body", 200), ("bad_body", 200)]
+    text = captured_logs.getvalue()
+    logged = [json.loads(line) for line in text.splitlines() if "events_poll_failed" in line]
+    for line, kind in zip(logged, http_faults.HOSTILE, strict=False):
+        assert HOSTILE_OUTCOMES[kind][2] in line["error"], line
+    assert "larger than" in logged[-2]["error"] and "not JSON" in logged[-1]["error"]
+    for failure in failures:
+        assert failure.url.endswith("/events/alice_cam/***/?timeout=0") or "/***/?i=" in failure.url
+    for dump in (text, repr(failures)):
+        assert TOKEN not in dump and sim.base_url in dump
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak resident size to the current one (Linux 4.0+), so growth is measured from here."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def test_a_gzip_bomb_never_inflates_in_memory(harness: Harness) -> None:
+    http_faults.gzip_bomb()  # built (and cached) before the measurement: the server's cost, not the client's
+    if not _reset_peak_rss():
+        pytest.skip("the peak resident size cannot be reset here")
+    before = _peak_rss_kib()
+    harness.sim.schedule(*[events.Fault.hostile("gzip_bomb")] * 3)
+    page = await harness.client.fetch(harness.client.start_url(None))
+    grown_mib = (_peak_rss_kib() - before) / 1024
+    assert page.events == STREAM[:100]
+    assert harness.kinds() == ["bad_body"] * 3
+    assert grown_mib < 60, f"the peak resident size grew by {grown_mib:.0f} MiB"
+
+
+# -- token rotation -----------------------------------------------------------------------------------------
+
+
+async def test_a_rotated_token_is_sent_at_once_and_the_old_one_never_again(
+    captured_logs: io.StringIO,
+) -> None:
+    stream = traffic.generate(150, seed=32)
+    old, new = TOKEN, "n3w-t0ken-after-rotation"
+    current = [old]
+    reloads: list[str] = []
+
+    def reload() -> None:  # what the daemon does on a 401: read the token file again
+        reloads.append(current[0])
+        current[0] = new
+
+    async with (
+        events.EventsSimulator(token=old, events=stream, page_size=100) as sim,
+        aiohttp.ClientSession() as session,
+    ):
+        failures: list[errors.ApiFailure] = []
+        client = _client(
+            session,
+            sim,
+            failures,
+            [],
+            runtime_state.RuntimeState(),
+            token=lambda: current[0],
+            on_auth_rejected=reload,
+        )
+        page = await client.fetch(client.start_url(None))
+        assert page.next_url is not None and old in page.next_url.reveal(), "a nextUrl has the old token"
+        sim.token = new  # rotated on the server; the daemon still reads the old token
+        before = len(sim.requests)
+        page = await client.fetch(page.next_url)
+        assert page.events == stream[100:]
+        assert reloads == [old] and [f.error_kind for f in failures] == ["auth_rejected"]
+        after = [request.path_qs for request in sim.requests[before + 1 :]]
+        assert after and all(f"/{new}/" in path and old not in path for path in after)
+        current[0] = "an0ther-t0ken-rotated-quietly"  # rotated without a 401: the next request carries it
+        sim.token = current[0]
+        assert (await client.fetch(page.next_url or client.start_url(page.next_event_id))).events == []
+        assert f"/{current[0]}/" in sim.requests[-1].path_qs
+    text = captured_logs.getvalue()
+    assert old not in text and new not in text and current[0] not in text
