@@ -18,7 +18,7 @@ import pytest
 import yarl
 from hypothesis import strategies as st
 
-from daemon import api_http, config, errors, events_api, logs, runtime_state
+from daemon import api_http, config, errors, events_api, ingest, json_depth, logs, runtime_state
 from daemon.simulator import events, http_faults, traffic
 
 TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
@@ -683,6 +683,25 @@ async def test_hostile_answers_are_recorded_failures_between_valid_pages(capture
         assert failure.url.endswith("/events/alice_cam/***/?timeout=0") or "/***/?i=" in failure.url
     for dump in (text, repr(failures)):
         assert TOKEN not in dump and sim.base_url in dump
+
+
+async def test_a_deeply_nested_event_is_delivered_and_quarantined_by_ingest(harness: Harness) -> None:
+    deep = '{"id": "1755376889458-0", "method": "tokenRain", "object": {"x": ' + "[" * 998 + "]" * 998 + "}}"
+    body = f'{{"events": [{json.dumps(STREAM[0])}, {deep}, {json.dumps(STREAM[1])}], "nextUrl": null}}'
+    harness.sim.schedule(events.Fault.raw(200, body))
+    page = await harness.client.fetch(harness.client.start_url(None))
+    assert len(page.events) == 3 and page.finite_numbers and harness.failures == []
+    batch = ingest.parse_page(
+        page.events,
+        broadcaster="alice_cam",
+        received_at=page.received_at,
+        next_event_id=page.next_event_id,
+        finite_numbers=page.finite_numbers,
+    )
+    assert [event.event_id for event in batch.events] == [STREAM[0]["id"], STREAM[1]["id"]]
+    assert [item.reason for item in batch.quarantined] == [
+        f"nested deeper than {json_depth.MAX_DEPTH} levels"
+    ]
 
 
 def _reset_peak_rss() -> bool:
