@@ -448,7 +448,8 @@ def parse_page(
     """Sort one response's items into stored events (with their rows) and quarantined items; never raises
     for any content of `events`. `broadcaster` is the configured room, used when an event names none.
     `finite_numbers`: the caller vouches that no float in `events` is NaN or infinite (orjson decoded them),
-    which lets the faster encoder write them."""
+    which lets the faster encoder write them. A `next_event_id` the cursor column cannot hold (too long, a
+    NUL, a lone surrogate: the API's text either way) becomes None, which keeps the committed cursor."""
     configured = normalize_name(broadcaster)
     received = _utc_naive(received_at)
     out = _Collector([], [], [], [], finite_numbers)
@@ -463,7 +464,7 @@ def parse_page(
         session_changes=out.session_changes,
         quarantined=out.quarantined,
         unknown_methods=out.unknown,
-        next_event_id=next_event_id,
+        next_event_id=next_event_id if _storable(next_event_id, EVENT_ID_MAX) else None,
         received_at=received,
     )
 

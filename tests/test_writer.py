@@ -203,6 +203,18 @@ async def test_an_event_nested_past_the_limit_is_quarantined_and_the_rest_stored
     assert cursor is not None and cursor.last_event_id == sample.event_id(4)
 
 
+@pytest.mark.parametrize(
+    "position", ["9" * 65, "1755376889458-0\x00", "\ud800"], ids=["long", "nul", "surrogate"]
+)
+async def test_a_position_the_cursor_cannot_hold_leaves_it_where_it_was(
+    pool: asyncpg.Pool, position: str
+) -> None:
+    await _write(pool, sample.page([sample.chat(1, "bob")]))
+    result = await _write(pool, sample.page([sample.chat(2, "bob")], next_event_id=position))
+    assert result.new_events == 1
+    assert await db.load_cursor(pool, sample.ROOM) == db.Cursor(sample.ROOM, sample.event_id(1), TIMEOUT)
+
+
 async def test_unknown_method_is_stored_raw_without_interaction(pool: asyncpg.Pool) -> None:
     novel = sample.envelope("tokenRain", 1, {"amount": 3, "user": sample.user("bob")})
     result = await _write(pool, sample.page([novel, sample.chat(2, "bob")]))
