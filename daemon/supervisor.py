@@ -121,9 +121,7 @@ class Supervisor:
             self.state.database_up = True
             self.state.migrations_current = await db.schema_is_current(pool)
             session = await stack.enter_async_context(
-                aiohttp.ClientSession(
-                    headers={"User-Agent": "mhc-daemon"}, raise_for_status=False, auto_decompress=False
-                )
+                aiohttp.ClientSession(headers={"User-Agent": "mhc-daemon"}, raise_for_status=False)
             )
             await stack.enter_async_context(health.serve(pool, settings, self.state))
             self.state.live_session_id = await self._live_session(pool)
