@@ -176,7 +176,7 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> floa
         return min(float(value), RETRY_AFTER_MAX_SECONDS)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a year past C's int
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)

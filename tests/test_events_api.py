@@ -229,6 +229,21 @@ def test_retry_after_parsing() -> None:
     assert api_http.parse_retry_after("Sat, 16 Aug 2025 11:00:00 GMT", now) == 0.0
     assert api_http.parse_retry_after("soon") is None
     assert api_http.parse_retry_after(None) is None
+    assert api_http.parse_retry_after("Mon, 01 Jan 99999999999 00:00:00 GMT") is None
+    assert api_http.parse_retry_after("9" * 5000) == api_http.RETRY_AFTER_MAX_SECONDS
+
+
+@hypothesis.given(
+    value=st.one_of(
+        st.text(),
+        st.builds(
+            "{}, {} Aug {} 12:00:30 {}".format, st.text(max_size=3), st.integers(), st.integers(), st.text()
+        ),
+    )
+)
+def test_any_retry_after_header_is_seconds_or_none(value: str) -> None:
+    seconds = api_http.parse_retry_after(value)
+    assert seconds is None or 0 <= seconds <= api_http.RETRY_AFTER_MAX_SECONDS
 
 
 async def test_a_hang_past_the_read_timeout_is_a_timeout(harness: Harness) -> None:
