@@ -104,7 +104,7 @@ async def request(
             return Response(response.status, response.headers.get("Retry-After"), body)
     except TimeoutError:
         label = "timeout"
-        raise errors.RequestTimeout(f"no answer within {timeout.total:g} s") from None
+        raise errors.RequestTimeout(f"no answer within {timeout.total or timeout.sock_read} s") from None
     except (aiohttp.ClientError, aiohttp.http_exceptions.HttpProcessingError, OSError, ValueError) as error:
         label = "connection"
         raise errors.ConnectionFailed(f"connection failed ({type(error).__name__})") from None
