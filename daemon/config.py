@@ -19,6 +19,11 @@ ENV_PREFIX = "MHC_"
 # (a file named <name> in $CREDENTIALS_DIRECTORY). Files are read at start and again on SIGHUP.
 TOKEN_SETTINGS = ("cb_events_token", "cb_stats_token", "statbate_token")
 CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"
+# A full 100-event Events API page measures 45-55 KB (the realistic simulator traffic: 52 KB at most over 400
+# pages; the recorded testbed fixtures: 45-54 KB per 100 events), and snapshot answers are a few KB. 2 MiB is
+# ~40 times that, and bounds what a hostile body can cost once decoded: 2 MiB of `[{},{},...]` is ~700,000
+# objects, ~60 MB, within the 150 MB memory target (8 MiB would be ~235 MB).
+DEFAULT_API_MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 def default_data_dir() -> Path:
@@ -55,6 +60,9 @@ class Settings(BaseSettings):
     statbate_token_file: Path | None = None
     statbate_requests_per_minute: int = Field(default=60, ge=1, le=119)
     member_snapshot_ttl_hours: float = Field(default=24.0, gt=0, le=24 * 365)
+
+    # Every API answer: its body at most this many bytes, on the wire and decompressed
+    api_max_body_bytes: int = Field(default=DEFAULT_API_MAX_BODY_BYTES, ge=64 * 1024, le=64 * 1024 * 1024)
 
     # Operations
     health_host: str = "127.0.0.1"

@@ -204,26 +204,9 @@ async def _find_or_create(
     return people[name]
 
 
-@dataclass(frozen=True)
-class ApiFailure:
-    """One failed call of an external API. `url` and `body_excerpt` must already be masked."""
-
-    api: str  # cb_events | cb_stats | statbate
-    operation: str  # e.g. poll, member_info, member_info_batch, model_info, stats
-    url: str
-    error_kind: str  # e.g. http_5xx, rate_limited, timeout, connection, bad_body, auth_rejected, not_found
-    http_status: int | None = None
-    body_excerpt: str | None = None
-    attempt: int = 1
-    occurred_at: dt.datetime | None = None
-
-
-BODY_EXCERPT_CHARS = 200
-
-
-async def record_api_failure(pool: asyncpg.Pool, failure: ApiFailure) -> None:
+async def record_api_failure(pool: asyncpg.Pool, failure: errors.ApiFailure) -> None:
     """Append one failure row; the URL and excerpt are masked once more here, as a last line of defence."""
-    excerpt = failure.body_excerpt[:BODY_EXCERPT_CHARS] if failure.body_excerpt else None
+    excerpt = failure.body_excerpt[: errors.BODY_EXCERPT_CHARS] if failure.body_excerpt else None
     with translate_errors():
         await pool.execute(
             sql_files.query("record_api_failure"),
@@ -238,11 +221,11 @@ async def record_api_failure(pool: asyncpg.Pool, failure: ApiFailure) -> None:
         )
 
 
-async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[ApiFailure]:
+async def recent_api_failures(pool: asyncpg.Pool, limit: int = 10) -> list[errors.ApiFailure]:
     with translate_errors():
         rows = await pool.fetch(sql_files.query("recent_api_failures"), limit)
     return [
-        ApiFailure(
+        errors.ApiFailure(
             api=row["api"],
             operation=row["operation"],
             url=row["url"],

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from daemon import logs  # a leaf too: logs imports only metrics and runtime_state, never errors
+import datetime as dt
+from dataclasses import dataclass
+
+from daemon import logs  # a cycle through logs -> waits -> errors, harmless: names are used at call time
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's unit refuses to restart on it.
+BODY_EXCERPT_CHARS = 200  # the longest body excerpt a failure row keeps
 
 
 class DaemonError(Exception):
@@ -98,3 +102,18 @@ class ClientRejected(ApiError):
     """The API refused the request (another 4xx)."""
 
     kind = "http_4xx"
+
+
+@dataclass(frozen=True)
+class ApiFailure:
+    """One failed call of an external API, as `api_failures` keeps it. `url` and `body_excerpt` must already
+    be masked."""
+
+    api: str  # cb_events | cb_stats | statbate
+    operation: str  # e.g. poll, member_info, member_info_batch, model_info, stats
+    url: str
+    error_kind: str  # e.g. http_5xx, rate_limited, timeout, connection, bad_body, auth_rejected, not_found
+    http_status: int | None = None
+    body_excerpt: str | None = None
+    attempt: int = 1
+    occurred_at: dt.datetime | None = None

@@ -4,6 +4,8 @@
 via `on_failure`, a log line, a metric) and retried with capped, jittered exponential backoff. The token lives
 only in the URL path, so every URL leaving this module for a log, a row or an exception is masked, `EventsUrl`
 hides it in its repr, and a `nextUrl` pointing anywhere but the configured origin is refused, never requested.
+The token is asked of its provider at every attempt and written into the URL requested, a `nextUrl` too (it
+carries the token it was issued with), so a rotated token takes effect without a restart.
 """
 
 from __future__ import annotations
@@ -11,21 +13,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
-import email.utils
-import json
-import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-import orjson
 import tenacity
 import yarl
 
-from daemon import db, errors, logs, metrics, runtime_state
+from daemon import api_http, config, errors, logs, metrics, runtime_state, waits
 
 log = logs.get_logger(__name__)
 
@@ -36,17 +34,6 @@ CONNECT_TIMEOUT = 10.0
 READ_MARGIN = 15.0  # the server may answer a little after `timeout`; never cut a healthy long-poll short
 DEFAULT_SERVER_TIMEOUT = 10  # what the API assumes when a URL names no timeout
 MAX_SERVER_TIMEOUT = 90
-MAX_RETRY_AFTER = 3600.0
-EXCERPT_CHARS = 200
-# 19 digits in a row may be an integer beyond 64 bits (see _decode_or_none); digits in strings count too,
-# which only costs such a body the slower decoder. Found by mapping every digit to "0" and every other byte
-# to a space, then a plain substring search: twenty times faster than a regular expression here.
-_DIGITS_AS_ZEROS = bytes(48 if 48 <= byte <= 57 else 32 for byte in range(256))
-_LONG_DIGITS = b"0" * 19
-
-Recorder = Callable[[db.ApiFailure], Awaitable[None]]
-Sleep = Callable[[float], Awaitable[None]]
-
 
 FOREIGN_NEXT_URL = "foreign_next_url"
 
@@ -154,7 +141,7 @@ class _RequestLimiter:
     minute's allowance at once). The poller spaces requests once caught up, so a live room never burns it in a
     burst. Times are logical: a wait counts as done."""
 
-    def __init__(self, limit: int, period: float, sleep: Sleep) -> None:
+    def __init__(self, limit: int, period: float, sleep: api_http.Sleep) -> None:
         self._limit = max(1, limit)
         self._period = period
         self._sleep = sleep
@@ -173,15 +160,13 @@ class _RequestLimiter:
         self._stamps.append(now)
 
 
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    retry_after: str | None
-    body: bytes
-
-
 class EventsClient:
-    """Polls one broadcaster's Events API feed. One caller at a time: `fetch` calls must not overlap."""
+    """Polls one broadcaster's Events API feed. One caller at a time: `fetch` calls must not overlap.
+
+    `token` gives the current token; `on_auth_rejected` is called on a 401/403 so the token's source is read
+    again: when it gives a new token (the hook returns True) the retry comes at once, else after the slow
+    `auth_retry_seconds`.
+    """
 
     def __init__(
         self,
@@ -189,20 +174,20 @@ class EventsClient:
         *,
         base_url: str,
         username: str,
-        token: str,
+        token: api_http.TokenProvider,
         timeout: int,
-        on_failure: Recorder,
+        on_failure: api_http.FailureRecorder,
         state: runtime_state.RuntimeState,
+        on_auth_rejected: Callable[[], bool] | None = None,
+        max_body_bytes: int = config.DEFAULT_API_MAX_BODY_BYTES,
         backoff_max: float = 60.0,
         auth_retry_seconds: float = 300.0,
         max_requests_per_minute: int = 2000,
         backoff_initial: float = 1.0,
         read_margin: float = READ_MARGIN,
-        sleep: Sleep = asyncio.sleep,
+        sleep: api_http.Sleep = asyncio.sleep,
     ) -> None:
-        logs.register_secret(token)
-        logs.register_secret(quote(token, safe=""))
-        if not username.strip() or not token.strip():
+        if not username.strip() or not api_http.current_token(token).strip():
             raise errors.ConfigError("the Events API needs a username and a token")
         base = yarl.URL(base_url.rstrip("/"))
         if base.scheme not in ("http", "https") or not base.host:
@@ -213,13 +198,15 @@ class EventsClient:
         self._token = token
         self._timeout = max(0, min(MAX_SERVER_TIMEOUT, timeout))
         self._on_failure = on_failure
+        self._on_auth_rejected = on_auth_rejected
+        self._token_renewed = False  # the hook read a new token after the last 401/403
         self._state = state
-        self._backoff_max = backoff_max
+        self._max_body_bytes = max_body_bytes
+        self._backoff = waits.Backoff(backoff_initial, backoff_max)
         self._auth_retry_seconds = auth_retry_seconds
         self._read_margin = read_margin
         self._sleep = sleep
         self._limiter = _RequestLimiter(max_requests_per_minute, 60.0, sleep)
-        self._backoff_initial = backoff_initial
 
     def __repr__(self) -> str:
         return (
@@ -229,7 +216,8 @@ class EventsClient:
 
     def start_url(self, last_event_id: str | None) -> EventsUrl:
         """The URL that reads after `last_event_id` (from "all latest events" when None)."""
-        path = f"/events/{quote(self._username, safe='')}/{quote(self._token, safe='')}/"
+        token = api_http.current_token(self._token)
+        path = f"/events/{quote(self._username, safe='')}/{quote(token, safe='')}/"
         query: dict[str, str] = {"i": last_event_id} if last_event_id is not None else {}
         query["timeout"] = str(self._timeout)
         base = str(self._base.with_query(None).with_fragment(None)).rstrip("/")
@@ -265,44 +253,53 @@ class EventsClient:
             log.info("events_token_accepted")
         return page
 
-    async def _get(self, url: EventsUrl) -> _Response:
+    def _with_current_token(self, url: EventsUrl) -> yarl.URL:
+        """`url` with the token segment of its `/events/<user>/<token>/` path set to the current token."""
+        requested = url.as_yarl()
+        segments = requested.raw_path.split("/")
+        if len(segments) < 5 or segments[-4] != "events" or segments[-1] != "":
+            return requested  # a nextUrl of another shape names no token to replace
+        segments[-2] = quote(api_http.current_token(self._token), safe="")
+        return requested.with_path("/".join(segments), encoded=True, keep_query=True)
+
+    async def _get(self, url: EventsUrl) -> api_http.Response:
         read = max(url.server_timeout, self._timeout) + self._read_margin
         timeout = aiohttp.ClientTimeout(
             total=read + CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT, sock_read=read
         )
         started = time.monotonic()
-        status = "error"
         try:
-            async with self._session.get(url.as_yarl(), allow_redirects=False, timeout=timeout) as response:
-                status = str(response.status)
-                body = await response.read()
-                return _Response(response.status, response.headers.get("Retry-After"), body)
-        # Only type names go into messages: aiohttp's own texts carry the URL, hence the token.
-        except TimeoutError:
-            raise errors.RequestTimeout(f"no answer within {read:g} s") from None
-        except (aiohttp.ClientError, OSError) as error:
-            raise errors.ConnectionFailed(f"connection failed ({type(error).__name__})") from None
+            return await api_http.request(
+                self._session,
+                "GET",
+                self._with_current_token(url),
+                api=API,
+                timeout=timeout,
+                max_body_bytes=self._max_body_bytes,
+            )
         finally:
-            metrics.API_REQUESTS.labels(api=API, status=status).inc()
             metrics.POLL_SECONDS.observe(time.monotonic() - started)
 
-    async def _page(self, url: EventsUrl, response: _Response, attempt: int) -> Page:
+    async def _page(self, url: EventsUrl, response: api_http.Response, attempt: int) -> Page:
         status = response.status
-        excerpt = _excerpt(response.body)
         finite_numbers = False
         if status == 200:
-            payload, finite_numbers = _decode(response.body, excerpt)
-            events = payload.get("events")
+            payload, finite_numbers = api_http.decode_json(response)
+            events = payload.get("events") if isinstance(payload, dict) else None
             if not isinstance(events, list):
-                raise errors.BadBody("the body has no events array", status=status, body_excerpt=excerpt)
+                raise errors.BadBody(
+                    "the body has no events array",
+                    status=status,
+                    body_excerpt=api_http.excerpt(response.body),
+                )
         elif status == 400:
             # The undocumented "waited too long for events" form: a continuation when it names a nextUrl.
-            continuation, _ = _decode_or_none(response.body)
-            if continuation is None or not isinstance(continuation.get("nextUrl"), str):
-                raise errors.ClientRejected("HTTP 400", status=status, body_excerpt=excerpt)
-            payload, events = continuation, []
+            payload = _continuation(response)
+            if payload is None:
+                raise api_http.error_for_status(response)
+            events = []
         else:
-            raise _status_error(response, excerpt)
+            raise api_http.error_for_status(response)
         next_url = await self._accept_next_url(payload, status, attempt)
         fallback = _last_event_id(events) or url.event_id
         return Page(
@@ -322,27 +319,24 @@ class EventsClient:
         resolved = resolve_next_url(self._base, raw)
         if resolved is not None:
             return EventsUrl(resolved)
-        shown = logs.mask(raw if isinstance(raw, str) else repr(raw))[:500]
+        shown = logs.mask(raw if isinstance(raw, str) else _shape(raw))[:500]
         log.warning("events_next_url_refused", next_url=shown, reason="not the configured origin")
-        metrics.API_FAILURES.labels(api=API, kind=FOREIGN_NEXT_URL).inc()
-        await self._record(
-            db.ApiFailure(
+        await api_http.record_failure(
+            self._on_failure,
+            errors.ApiFailure(
                 api=API,
                 operation=OPERATION,
                 url=shown,
                 error_kind=FOREIGN_NEXT_URL,
                 http_status=status,
-                body_excerpt=None,
                 attempt=attempt,
-                occurred_at=dt.datetime.now(dt.UTC),
-            )
+            ),
         )
         return None
 
     # -- failures and waits ----------------------------------------------------------------------------------
 
     async def _failed(self, url: EventsUrl, error: errors.ApiError, attempt: int) -> None:
-        metrics.API_FAILURES.labels(api=API, kind=error.kind).inc()
         if isinstance(error, errors.AuthRejected):
             self._state.token_rejected = True
             log.error(
@@ -354,6 +348,11 @@ class EventsClient:
                 status=error.status,
                 retry_in_s=self._auth_retry_seconds,
             )
+            if self._on_auth_rejected is not None:
+                try:
+                    self._token_renewed = self._on_auth_rejected()
+                except errors.DaemonError as hook_error:  # e.g. an unreadable token file: retry as it is
+                    log.warning("events_token_reload_failed", error=str(hook_error))
         else:
             log.warning(
                 "events_poll_failed",
@@ -364,111 +363,32 @@ class EventsClient:
                 error=str(error),
                 body=error.body_excerpt,
             )
-        await self._record(
-            db.ApiFailure(
-                api=API,
-                operation=OPERATION,
-                url=url.masked(),
-                error_kind=error.kind,
-                http_status=error.status,
-                body_excerpt=error.body_excerpt,
-                attempt=attempt,
-                occurred_at=dt.datetime.now(dt.UTC),
-            )
-        )
-
-    async def _record(self, failure: db.ApiFailure) -> None:
-        try:
-            await self._on_failure(failure)
-        except errors.DaemonError as error:
-            # Losing a failure row must not stop the polling that would deliver the events.
-            log.warning("api_failure_not_recorded", kind=failure.error_kind, error=str(error))
+        failure = api_http.failure_of(error, api=API, operation=OPERATION, url=url.masked(), attempt=attempt)
+        await api_http.record_failure(self._on_failure, failure)
 
     def _wait(self, retry_state: tenacity.RetryCallState) -> float:
         outcome = retry_state.outcome
         error = outcome.exception() if outcome is not None else None
         if isinstance(error, errors.AuthRejected):
-            return self._auth_retry_seconds
-        if isinstance(error, errors.RateLimited) and error.retry_after is not None:
-            return error.retry_after
+            renewed, self._token_renewed = self._token_renewed, False
+            return self._backoff.initial if renewed else self._auth_retry_seconds
         if isinstance(error, errors.ClientRejected):
-            return self._backoff_max  # a 4xx will not heal quickly: retry slowly
-        # Exponential with jitter, capped: clients that failed together do not retry in lockstep.
-        exponent = min(retry_state.attempt_number - 1, 60)
-        jitter = random.uniform(0, self._backoff_initial)  # noqa: S311  # timing jitter, not a secret
-        return min(self._backoff_max, self._backoff_initial * float(2**exponent) + jitter)
+            return self._backoff.maximum  # a 4xx will not heal quickly: retry slowly
+        return self._backoff(retry_state)
 
 
-def _status_error(response: _Response, excerpt: str | None) -> errors.ApiError:
-    status = response.status
-    if status in (401, 403):
-        return errors.AuthRejected(f"HTTP {status}", status=status, body_excerpt=excerpt)
-    if status == 429:
-        return errors.RateLimited(
-            "HTTP 429",
-            status=status,
-            body_excerpt=excerpt,
-            retry_after=parse_retry_after(response.retry_after),
-        )
-    if status >= 500:
-        return errors.ServerError(f"HTTP {status}", status=status, body_excerpt=excerpt)
-    # Other 4xx, and 3xx too: redirects are never followed, so either means a configuration problem.
-    return errors.ClientRejected(f"HTTP {status}", status=status, body_excerpt=excerpt)
-
-
-def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), capped; None if unusable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER)
+def _continuation(response: api_http.Response) -> dict[str, Any] | None:
+    """The 400 form's object when it names a `nextUrl`, else None."""
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        payload, _ = api_http.decode_json(response)
+    except errors.BadBody:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    seconds = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
-    return max(0.0, min(seconds, MAX_RETRY_AFTER))
+    return payload if isinstance(payload, dict) and isinstance(payload.get("nextUrl"), str) else None
 
 
-def _excerpt(body: bytes) -> str | None:
-    if not body:
-        return None
-    # Mask before cutting, so a token split by the cut cannot survive in part.
-    text = logs.mask(body[: EXCERPT_CHARS * 10].decode("utf-8", errors="replace"))
-    return text[:EXCERPT_CHARS]
-
-
-def _decode_or_none(body: bytes) -> tuple[dict[str, Any] | None, bool]:
-    """The body's JSON object (None when it is not one), and whether orjson decoded it.
-
-    orjson is several times faster on a backlog, and what it decodes never holds NaN or an infinite float, so
-    ingest may encode it with orjson too. What orjson refuses (NaN and Infinity literals, lone surrogates, a
-    byte-order mark) or may read differently (a long digit run: an integer beyond 64 bits becomes a float)
-    the standard library decodes, so every body means what it did before.
-    """
-    payload: Any = None
-    finite_numbers = _LONG_DIGITS not in body.translate(_DIGITS_AS_ZEROS)
-    if finite_numbers:
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            finite_numbers = False
-    if not finite_numbers:
-        try:
-            payload = json.loads(body)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError both
-            return None, False
-    return (payload, finite_numbers) if isinstance(payload, dict) else (None, False)
-
-
-def _decode(body: bytes, excerpt: str | None) -> tuple[dict[str, Any], bool]:
-    payload, finite_numbers = _decode_or_none(body)
-    if payload is None:
-        raise errors.BadBody("the body is not a JSON object", status=200, body_excerpt=excerpt)
-    return payload, finite_numbers
+def _shape(value: object) -> str:
+    """What a non-string `nextUrl` was, for the log: its type, never its (possibly huge or deep) repr."""
+    return f"<{type(value).__name__}>"
 
 
 def _last_event_id(events: list[Any]) -> str | None:

@@ -20,7 +20,7 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from daemon import __version__, config, db, errors, logs, metrics, runtime_state
+from daemon import __version__, config, db, errors, logs, metrics, runtime_state, waits
 
 log = logs.get_logger(__name__)
 
@@ -78,8 +78,7 @@ async def run_checks(
     """Refresh the database and schema flags every `interval` seconds until `stop` is set."""
     while not stop.is_set():
         await refresh_checks(pool, state)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+        await waits.wait_for_stop(stop, interval)
 
 
 def _iso(moment: float | dt.datetime | None) -> str | None:
@@ -91,7 +90,7 @@ def _iso(moment: float | dt.datetime | None) -> str | None:
     return dt.datetime.fromtimestamp(moment, dt.UTC).isoformat()
 
 
-def _failure_json(failure: db.ApiFailure) -> dict[str, Any]:
+def _failure_json(failure: errors.ApiFailure) -> dict[str, Any]:
     return {
         "occurred_at": _iso(failure.occurred_at),
         "api": failure.api,

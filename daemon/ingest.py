@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from daemon import json_depth
+
 SOURCE = "cb_events"
 
 # Column widths of migration 010 and the seed: a longer value would abort the whole response's transaction.
@@ -40,6 +42,7 @@ _MS_MAX = 99_999_999_999_999
 _EPOCH = dt.datetime(1970, 1, 1)
 # One encoder for every event: json.dumps with options builds a new one per call, a measurable cost here.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+_TOO_DEEP = f"nested deeper than {json_depth.MAX_DEPTH} levels"
 
 # Methods whose person is the user object's `username`, with the interaction type and fixed description.
 _USER_METHODS: dict[str, tuple[str, str]] = {
@@ -159,6 +162,7 @@ def _utc_naive(moment: dt.datetime) -> dt.datetime:
 
 
 def _has_nul(value: Any) -> bool:
+    """Recursive, but only ever asked about a value that was encoded, hence within `json_depth.MAX_DEPTH`."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
@@ -169,8 +173,9 @@ def _has_nul(value: Any) -> bool:
 
 
 def _fast_text(value: Any) -> str | None:
-    """orjson's text of `value`, None for what orjson refuses (an integer beyond 64 bits, a lone surrogate).
-    Only for values without NaN or infinite floats, which orjson would write as null."""
+    """orjson's text of `value`, None for what orjson refuses (an integer beyond 64 bits, a lone surrogate,
+    nesting deeper than `json_depth.MAX_DEPTH`). Only for values without NaN or infinite floats, which orjson
+    would write as null."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:  # orjson.JSONEncodeError
@@ -184,12 +189,13 @@ def _encode(raw: dict[str, Any], finite_numbers: bool) -> str:
     text = _fast_text(raw) if finite_numbers else None
     exact = text is None
     if text is None:
+        # orjson refuses what nests deeper than the limit; only this slower path has to measure it.
+        if json_depth.deeper_than(raw):
+            raise _Unmappable(_TOO_DEEP)
         try:
             text = _ENCODER.encode(raw)
         except ValueError as error:  # NaN/Infinity, or an integer too long to print
             raise _Unmappable(f"contains a number that cannot be stored as JSON ({error})") from error
-        except RecursionError as error:
-            raise _Unmappable("nested too deeply to store") from error
     # Every NUL prints as \u0000, so its absence from the text proves there is none; its presence may be a
     # literal backslash sequence, hence the exact walk.
     if "\\u0000" in text and _has_nul(raw):
@@ -205,9 +211,9 @@ def _encode(raw: dict[str, Any], finite_numbers: bool) -> str:
 
 def _quarantine(item: Any, reason: str) -> Quarantined:
     try:
-        raw_text = json.dumps(item, ensure_ascii=True)
-    except (ValueError, RecursionError):  # only reachable for input no JSON decoder produces
-        raw_text = json.dumps(repr(item), ensure_ascii=True)
+        raw_text = json.dumps(_pruned(item, json_depth.MAX_DEPTH), ensure_ascii=True)
+    except (ValueError, TypeError):  # an integer too long to print, a non-JSON type: no decoder makes either
+        raw_text = json.dumps(f"<{type(item).__name__} that cannot be written as JSON>")
     event_id: str | None = None
     method: str | None = None
     if isinstance(item, dict):
@@ -219,6 +225,16 @@ def _quarantine(item: Any, reason: str) -> Quarantined:
             method = candidate
     fingerprint = event_id or hashlib.sha256(raw_text.encode("ascii")).hexdigest()
     return Quarantined(fingerprint, event_id, method, raw_text, reason)
+
+
+def _pruned(value: Any, room: int) -> Any:
+    """`value` with every container more than `room` levels deep replaced by a note saying so: a quarantined
+    item's text must be writable whatever it holds. Recursion is bounded by `room`."""
+    if isinstance(value, dict):
+        return {key: _pruned(item, room - 1) for key, item in value.items()} if room > 0 else f"<{_TOO_DEEP}>"
+    if isinstance(value, list):
+        return [_pruned(item, room - 1) for item in value] if room > 0 else f"<{_TOO_DEEP}>"
+    return value
 
 
 def _storable(value: Any, limit: int) -> bool:
@@ -432,7 +448,8 @@ def parse_page(
     """Sort one response's items into stored events (with their rows) and quarantined items; never raises
     for any content of `events`. `broadcaster` is the configured room, used when an event names none.
     `finite_numbers`: the caller vouches that no float in `events` is NaN or infinite (orjson decoded them),
-    which lets the faster encoder write them."""
+    which lets the faster encoder write them. A `next_event_id` the cursor column cannot hold (too long, a
+    NUL, a lone surrogate: the API's text either way) becomes None, which keeps the committed cursor."""
     configured = normalize_name(broadcaster)
     received = _utc_naive(received_at)
     out = _Collector([], [], [], [], finite_numbers)
@@ -447,7 +464,7 @@ def parse_page(
         session_changes=out.session_changes,
         quarantined=out.quarantined,
         unknown_methods=out.unknown,
-        next_event_id=next_event_id,
+        next_event_id=next_event_id if _storable(next_event_id, EVENT_ID_MAX) else None,
         received_at=received,
     )
 

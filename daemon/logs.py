@@ -13,7 +13,7 @@ from typing import Any, Literal
 import structlog
 from prometheus_client.registry import Collector
 
-from daemon import metrics, runtime_state
+from daemon import metrics, runtime_state, waits
 
 MASK = "***"
 
@@ -179,11 +179,6 @@ async def run_summary(
 ) -> None:
     """Log a summary line every `interval` seconds, and a last one when `stop` is set."""
     summary = SummaryLogger()
-    while True:
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-        except TimeoutError:
-            summary.log(state)
-            continue
+    while not await waits.wait_for_stop(stop, interval):
         summary.log(state)
-        return
+    summary.log(state)

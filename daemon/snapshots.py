@@ -20,7 +20,19 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from daemon import api_http, config, db, errors, logs, metrics, runtime_state, statbate_api, stats_api
+from daemon import (
+    api_http,
+    config,
+    credentials,
+    db,
+    errors,
+    logs,
+    metrics,
+    runtime_state,
+    statbate_api,
+    stats_api,
+    waits,
+)
 
 log = logs.get_logger(__name__)
 
@@ -481,7 +493,7 @@ class _Scheduler:
         """A per-item error, or a did that is null or no usable id: a not_found failure row, and no new
         question for `NOT_FOUND_TTL`."""
         metrics.API_FAILURES.labels(statbate_api.API, "not_found").inc()
-        failure = db.ApiFailure(
+        failure = errors.ApiFailure(
             api=statbate_api.API,
             operation="member_info_batch",
             url=logs.mask(
@@ -557,6 +569,7 @@ async def run_scheduler(
     sleep: Sleep | None = None,
     jitter: Callable[[], float] = random.random,
     request_timeout: float = statbate_api.DEFAULT_TIMEOUT,
+    tokens: credentials.Credentials | None = None,
 ) -> None:
     """The snapshot task: returns when `stop` is set. Expected API failures are recorded and waited out here;
     storage errors are retried after a pause; anything else propagates to the supervisor.
@@ -564,11 +577,16 @@ async def run_scheduler(
     `clock` gives naive-UTC now, for what is stored and for reading the stored history at start; `monotonic`
     times every wait and deadline, so setting the wall clock neither stalls nor hurries a schedule.
     `sleep(seconds)` is every wait (periodic, rate limit, retry backoff) and by default waits on `stop` with a
-    timeout, so the task stops promptly. Tests inject all three.
+    timeout, so the task stops promptly. Tests inject all three. `tokens` gives the current tokens (rotated
+    without a restart); by default the settings' values.
     """
-    wait: Sleep = sleep or (lambda seconds: api_http.stop_aware_sleep(stop, seconds))
 
-    async def record(failure: db.ApiFailure) -> None:
+    async def stop_aware(seconds: float) -> None:
+        await waits.wait_for_stop(stop, seconds)
+
+    wait: Sleep = sleep or stop_aware
+
+    async def record(failure: errors.ApiFailure) -> None:
         # Failure rows carry the scheduler's clock, the same one its plan reads them back with.
         await on_failure(
             failure if failure.occurred_at else dataclasses.replace(failure, occurred_at=clock())
@@ -582,10 +600,16 @@ async def run_scheduler(
         state=state,
         stop=stop,
         on_failure=record,
-        statbate=statbate_api.StatbateClient.from_settings(session, settings, record, **options)
+        statbate=statbate_api.StatbateClient.from_settings(
+            session, settings, record, token=tokens.provider("statbate_token") if tokens else None, **options
+        )
         if statbate_on
         else None,
-        stats=stats_api.StatsClient.from_settings(session, settings, record, **options) if stats_on else None,
+        stats=stats_api.StatsClient.from_settings(
+            session, settings, record, token=tokens.provider("cb_stats_token") if tokens else None, **options
+        )
+        if stats_on
+        else None,
         clock=clock,
         monotonic=monotonic,
         sleep=wait,

@@ -1,7 +1,8 @@
 """The Statbate Plus API client: member info (single and batch) and model info, for one site.
 
-Names are sent lowercased (Statbate stores them so). The token travels only in the Authorization header and is
-registered as a secret, so no log line or failure row can carry it. 429 (after Retry-After), 5xx, timeouts,
+Names are sent lowercased (Statbate stores them so). The token, asked of its provider at every attempt,
+travels only in the Authorization header and is registered as a secret, so no log line or failure row can
+carry it. 429 (after Retry-After), 5xx, timeouts,
 dropped connections and unreadable bodies are retried; 404, 401/403 and other 4xx are not.
 """
 
@@ -15,7 +16,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from daemon import api_http, config, errors, logs
+from daemon import api_http, config, errors
 
 API = "statbate"
 SITE = "chaturbate"
@@ -58,21 +59,23 @@ class StatbateClient:
         session: aiohttp.ClientSession,
         *,
         base_url: str,
-        token: str,
+        token: api_http.TokenProvider,
         on_failure: api_http.FailureRecorder,
         site: str = SITE,
         timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = DEFAULT_ATTEMPTS,
+        max_body_bytes: int = config.DEFAULT_API_MAX_BODY_BYTES,
         sleep: api_http.Sleep = asyncio.sleep,
     ) -> None:
-        logs.register_secret(token)
+        api_http.current_token(token)
         self._session = session
         self._base = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._token = token
         self._on_failure = on_failure
         self._site = site
         self._timeout = timeout
         self._max_attempts = max_attempts
+        self._max_body_bytes = max_body_bytes
         self._sleep = sleep
 
     @classmethod
@@ -81,14 +84,23 @@ class StatbateClient:
         session: aiohttp.ClientSession,
         settings: config.Settings,
         on_failure: api_http.FailureRecorder,
+        *,
+        token: api_http.TokenProvider | None = None,
         **options: Any,
     ) -> StatbateClient | None:
-        """A client, or None when `MHC_STATBATE_TOKEN` is not set (the source is off)."""
-        token = settings.statbate_token.get_secret_value() if settings.statbate_token else ""
-        if not token:
+        """A client, or None when no Statbate token is set (the source is off). `token` gives the current
+        token (by default the setting's value, fixed)."""
+        fixed = settings.statbate_token.get_secret_value() if settings.statbate_token else ""
+        provider = token or (lambda: fixed)
+        if not provider():
             return None
         return cls(
-            session, base_url=settings.statbate_base_url, token=token, on_failure=on_failure, **options
+            session,
+            base_url=settings.statbate_base_url,
+            token=provider,
+            on_failure=on_failure,
+            max_body_bytes=settings.api_max_body_bytes,
+            **options,
         )
 
     def __repr__(self) -> str:
@@ -127,13 +139,15 @@ class StatbateClient:
         self, method: str, url: str, *, operation: str, check: Callable[[Any], Any], json_body: Any = None
     ) -> Any:
         async def attempt() -> Any:
+            token = api_http.current_token(self._token)
             body = await api_http.request_json(
                 self._session,
                 method,
                 url,
                 api=API,
                 timeout=self._timeout,
-                headers=self._headers,
+                max_body_bytes=self._max_body_bytes,
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
                 params={"timezone": "UTC"} if method == "GET" else None,
                 json_body=json_body,
             )

@@ -1,9 +1,9 @@
 """The Chaturbate Stats API client: one flat JSON object about the broadcaster's own account.
 
-The token rides in the query string (`?username=&token=`), so it is registered as a secret and every URL
-that reaches a log line or a failure row goes through `logs.mask`. 5xx, timeouts, dropped connections and
-unreadable bodies are retried a few times; 403 and 429 are not: the API answers those to over-eager pollers
-for many minutes, so the scheduler waits at least five minutes instead.
+The token rides in the query string (`?username=&token=`), asked of its provider at every attempt, so it is
+registered as a secret and every URL that reaches a log line or a failure row goes through `logs.mask`. 5xx,
+timeouts, dropped connections and unreadable bodies are retried a few times; 403 and 429 are not: the API
+answers those to over-eager pollers for many minutes, so the scheduler waits at least five minutes instead.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ class StatsClient:
         *,
         url: str,
         username: str,
-        token: str,
+        token: api_http.TokenProvider,
         on_failure: api_http.FailureRecorder,
         timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = DEFAULT_ATTEMPTS,
+        max_body_bytes: int = config.DEFAULT_API_MAX_BODY_BYTES,
         sleep: api_http.Sleep = asyncio.sleep,
     ) -> None:
-        logs.register_secret(token)
+        api_http.current_token(token)
         self._session = session
         self._url = url
         self._username = username.strip().lower()
@@ -43,6 +44,7 @@ class StatsClient:
         self._on_failure = on_failure
         self._timeout = timeout
         self._max_attempts = max_attempts
+        self._max_body_bytes = max_body_bytes
         self._sleep = sleep
 
     @classmethod
@@ -51,18 +53,23 @@ class StatsClient:
         session: aiohttp.ClientSession,
         settings: config.Settings,
         on_failure: api_http.FailureRecorder,
+        *,
+        token: api_http.TokenProvider | None = None,
         **options: Any,
     ) -> StatsClient | None:
-        """A client, or None when `MHC_CB_STATS_TOKEN` or `MHC_CB_USERNAME` is not set (the source is off)."""
-        token = settings.cb_stats_token.get_secret_value() if settings.cb_stats_token else ""
-        if not token or not settings.cb_username:
+        """A client, or None when no Stats token or `MHC_CB_USERNAME` is set (the source is off). `token`
+        gives the current token (by default the setting's value, fixed)."""
+        fixed = settings.cb_stats_token.get_secret_value() if settings.cb_stats_token else ""
+        provider = token or (lambda: fixed)
+        if not provider() or not settings.cb_username:
             return None
         return cls(
             session,
             url=settings.cb_stats_url,
             username=settings.cb_username,
-            token=token,
+            token=provider,
             on_failure=on_failure,
+            max_body_bytes=settings.api_max_body_bytes,
             **options,
         )
 
@@ -75,7 +82,7 @@ class StatsClient:
 
     @property
     def masked_url(self) -> str:
-        return logs.mask(f"{self._url}?username={self._username}&token={self._token}")
+        return logs.mask(f"{self._url}?username={self._username}&token={logs.MASK}")
 
     async def fetch(self) -> dict[str, Any]:
         """The Stats API's object, exactly as sent."""
@@ -87,8 +94,9 @@ class StatsClient:
                 self._url,
                 api=API,
                 timeout=self._timeout,
+                max_body_bytes=self._max_body_bytes,
                 headers={"Accept": "application/json"},
-                params={"username": self._username, "token": self._token},
+                params={"username": self._username, "token": api_http.current_token(self._token)},
             )
             if not isinstance(body, dict):
                 raise errors.BadBody("the answer is not a JSON object", status=200)

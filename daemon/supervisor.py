@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import itertools
-import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import aiohttp
 import tenacity
 
 from daemon import (
+    api_http,
     config,
     credentials,
     database_server,
@@ -40,6 +40,7 @@ from daemon import (
     snapshots,
     spool,
     systemd,
+    waits,
 )
 
 log = logs.get_logger(__name__)
@@ -52,12 +53,13 @@ HANDOFF_PAGES = 20  # pages fetched ahead of the writer; bounded so a stalled da
 MERGE_EVENTS = 2000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
-WRITE_RETRY_MAX_SECONDS = 30.0
+# Between attempts to reach or write to the database: from half a second, doubling, up to 30 s.
+STORAGE_BACKOFF = waits.Backoff(0.5, 30.0)
 # Before it falls back to the position saved on disk, the poller gives a starting database this long.
 DATABASE_START_WAIT_SECONDS = 5.0
 # A task that must not stop capture (snapshots, health checks, the summary) restarts after a failure, waiting
-# twice as long after each one, up to this.
-RESTART_MAX_SECONDS = 300.0
+# twice as long after each one, up to five minutes.
+RESTART_BACKOFF = waits.Backoff(2.0, 300.0)
 UNRECORDED_FAILURES_MAX = 10_000
 STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
 # Once caught up, requests start at most this often: the client's 2,000 requests per minute spread evenly
@@ -93,7 +95,7 @@ class Supervisor:
     # Set once the schema is migrated and current: only then does the writer write.
     database_ready: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     # Failure rows not stored yet (the database was away); the oldest go first if an outage overflows it.
-    _unrecorded: collections.deque[db.ApiFailure] = field(
+    _unrecorded: collections.deque[errors.ApiFailure] = field(
         init=False, default_factory=lambda: collections.deque(maxlen=UNRECORDED_FAILURES_MAX)
     )
     # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
@@ -172,9 +174,9 @@ class Supervisor:
             except (errors.StorageError, errors.MigrationError) as error:
                 self.state.database_up = not isinstance(error, errors.DatabaseUnavailable)
                 self.state.database_problem = logs.mask(str(error))
-                delay = min(WRITE_RETRY_MAX_SECONDS, 0.5 * 2.0 ** min(attempt, 10))
+                delay = STORAGE_BACKOFF.delay(attempt)
                 log.warning("database_not_ready", error=self.state.database_problem, retry_in_s=delay)
-                if await self._wait_stop(delay):
+                if await waits.wait_for_stop(self.stop, delay):
                     return
                 continue
             break
@@ -190,10 +192,12 @@ class Supervisor:
             session,
             base_url=settings.cb_events_base_url,
             username=settings.cb_username,
-            token=self.credentials.current("cb_events_token"),
+            token=self.credentials.provider("cb_events_token"),
+            on_auth_rejected=self._reload_tokens,
             timeout=settings.cb_events_timeout,
             on_failure=self._failure_recorder(pool),
             state=self.state,
+            max_body_bytes=settings.api_max_body_bytes,
             backoff_max=self.backoff_max,
             auth_retry_seconds=self.auth_retry_seconds,
             sleep=self._poll_sleep,
@@ -253,6 +257,7 @@ class Supervisor:
                         state=self.state,
                         stop=self.stop,
                         on_failure=self._failure_recorder(pool),
+                        tokens=self.credentials,
                     )
                 ),
             }
@@ -268,14 +273,14 @@ class Supervisor:
                 await run()
                 return
             except Exception as error:  # isolating every failure is this wrapper's one job
-                delay = min(RESTART_MAX_SECONDS, 2.0**failures)
+                delay = RESTART_BACKOFF.delay(failures)
                 text = logs.mask(f"{type(error).__name__}: {error}")
                 log.error("task_failed_restarting", task=name, error=text, restart_in_s=delay, exc_info=error)
-                failure = db.ApiFailure(
+                failure = errors.ApiFailure(
                     api=name, operation="run", url="-", error_kind="internal_error", body_excerpt=text[:200]
                 )
                 await self._failure_recorder(pool)(failure)
-            if await self._wait_stop(delay):
+            if await waits.wait_for_stop(self.stop, delay):
                 return
 
     async def _when_database_ready(self, work: Coroutine[Any, Any, None]) -> None:
@@ -287,11 +292,11 @@ class Supervisor:
             return
         await work
 
-    def _failure_recorder(self, pool: db.Pool) -> events_api.Recorder:
+    def _failure_recorder(self, pool: db.Pool) -> api_http.FailureRecorder:
         """Failure rows go to `api_failures` at once when the database takes them, else (it is down, or not
         migrated yet) they wait in memory, with the time they happened, until it does."""
 
-        async def record(failure: db.ApiFailure) -> None:
+        async def record(failure: errors.ApiFailure) -> None:
             self.state.failures += 1
             if failure.occurred_at is None:
                 failure = dataclasses.replace(failure, occurred_at=db.utc_now())
@@ -307,7 +312,7 @@ class Supervisor:
         for damaged in self.disk_spool.take_damaged():
             self.state.failures += 1
             self._unrecorded.append(
-                db.ApiFailure(
+                errors.ApiFailure(
                     api="spool",
                     operation="drain",
                     url=str(damaged.path or self.disk_spool.path),
@@ -358,7 +363,7 @@ class Supervisor:
                 break
             url = page.next_url or client.start_url(page.next_event_id)
             pause = started + LIVE_POLL_SPACING - loop.time()
-            if len(page.events) < FULL_PAGE and pause > 0 and await self._wait_stop_exactly(pause):
+            if len(page.events) < FULL_PAGE and pause > 0 and await waits.wait_for_stop(self.stop, pause):
                 break
 
     async def _start_position(self, pool: db.Pool) -> str | None:
@@ -431,7 +436,7 @@ class Supervisor:
                     )
                     full_logged = True
                 self.state.poll_progress += 1
-                if await self._wait_stop(1.0):
+                if await waits.wait_for_stop(self.stop, 1.0):
                     return False
                 continue
             if was_empty:
@@ -567,7 +572,7 @@ class Supervisor:
 
         async def pause(seconds: float) -> None:
             self.state.write_progress += 1  # retrying is alive, not wedged
-            if await self._wait_stop(seconds):
+            if await waits.wait_for_stop(self.stop, seconds):
                 raise _Stopping
 
         def unavailable(retry: tenacity.RetryCallState) -> None:
@@ -584,7 +589,7 @@ class Supervisor:
 
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(errors.DatabaseUnavailable),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=WRITE_RETRY_MAX_SECONDS),
+            wait=STORAGE_BACKOFF,
             sleep=pause,
             before_sleep=unavailable,
             reraise=True,
@@ -616,25 +621,16 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
         while (left := end - loop.time()) > 0:
-            await asyncio.sleep(min(left, 1.0))
+            if await waits.wait_for_stop(self.stop, min(left, 1.0)):
+                return
             self.state.poll_progress += 1
 
-    async def _wait_stop_exactly(self, seconds: float) -> bool:
-        """Wait `seconds` (no jitter: a pacing interval) for the stop event; True when it is set."""
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except TimeoutError:
-            return False
-        return True
-
-    async def _wait_stop(self, seconds: float) -> bool:
-        """Wait up to `seconds` (with a little jitter) for the stop event; True when it is set."""
-        jittered = seconds * random.uniform(0.95, 1.05)  # noqa: S311  # jitter, not crypto
-        try:
-            await asyncio.wait_for(self.stop.wait(), timeout=jittered)
-        except TimeoutError:
-            return False
-        return True
+    def _reload_tokens(self) -> bool:
+        """After a 401/403: read the token files again; True when that gave the Events API a new token."""
+        changed = self.credentials.reload()
+        if changed:
+            log.info("tokens_reloaded", tokens_changed=changed)
+        return "cb_events_token" in changed
 
 
 class _Stopping(Exception):  # a signal between our own functions, not an error

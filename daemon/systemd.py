@@ -8,14 +8,13 @@ quiet no-op, so the daemon never needs to know how it was started.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from daemon import logs, runtime_state
+from daemon import logs, runtime_state, waits
 
 log = logs.get_logger(__name__)
 
@@ -165,5 +164,4 @@ async def run_watchdog(
         else:
             status(status_line(state))
             watchdog_ping()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+        await waits.wait_for_stop(stop, interval)

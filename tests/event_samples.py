@@ -60,3 +60,18 @@ def page(items: list[Any], next_event_id: str | None = "auto", room: str = ROOM)
         ids = [item.get("id") for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]
         next_event_id = ids[-1] if ids else None
     return ingest.parse_page(items, broadcaster=room, received_at=RECEIVED, next_event_id=next_event_id)
+
+
+def nested(depth: int) -> Any:
+    """A JSON value `depth` containers deep: arrays and objects in turn, a string at the bottom."""
+    value: Any = "bottom"
+    for level in range(depth):
+        value = {"down": value} if level % 2 else [value]
+    return value
+
+
+def deep_chat(offset_ms: int, username: str, depth: int) -> dict[str, Any]:
+    """A valid chat message whose envelope nests `depth` containers deep (an extra field holds the rest)."""
+    item = chat(offset_ms, username)
+    item["object"]["extra"] = nested(depth - 2)  # the envelope and its object are the first two levels
+    return item

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from daemon import db
+from daemon import db, errors
 
 TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
 
@@ -12,7 +12,7 @@ TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
 async def test_failure_rows_are_masked(pool: asyncpg.Pool) -> None:
     await db.record_api_failure(
         pool,
-        db.ApiFailure(
+        errors.ApiFailure(
             api="cb_events",
             operation="poll",
             url=f"https://eventsapi.chaturbate.com/events/alice/{TOKEN}/?i=1-0&timeout=30",
@@ -24,7 +24,7 @@ async def test_failure_rows_are_masked(pool: asyncpg.Pool) -> None:
     )
     await db.record_api_failure(
         pool,
-        db.ApiFailure(
+        errors.ApiFailure(
             api="cb_stats",
             operation="stats",
             url=f"https://chaturbate.com/statsapi/?username=alice&token={TOKEN}",
@@ -35,7 +35,7 @@ async def test_failure_rows_are_masked(pool: asyncpg.Pool) -> None:
     (stats, events) = await db.recent_api_failures(pool)
     assert events.url == "https://eventsapi.chaturbate.com/events/alice/***/?i=1-0&timeout=30"
     assert stats.url == "https://chaturbate.com/statsapi/?username=alice&token=***"
-    assert events.body_excerpt is not None and len(events.body_excerpt) <= db.BODY_EXCERPT_CHARS
+    assert events.body_excerpt is not None and len(events.body_excerpt) <= errors.BODY_EXCERPT_CHARS
     assert (events.http_status, events.attempt, events.error_kind) == (502, 3, "http_5xx")
     dump = await pool.fetchval("SELECT string_agg(t::text, ' ') FROM api_failures t")
     assert TOKEN not in dump

@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,8 +18,8 @@ import pytest
 import yarl
 from hypothesis import strategies as st
 
-from daemon import db, errors, events_api, logs, runtime_state
-from daemon.simulator import events, traffic
+from daemon import api_http, config, errors, events_api, ingest, json_depth, logs, runtime_state
+from daemon.simulator import events, http_faults, traffic
 
 TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
 BACKOFF_MAX = 0.01
@@ -32,7 +33,7 @@ class Harness:
     sim: events.EventsSimulator
     client: events_api.EventsClient
     state: runtime_state.RuntimeState
-    failures: list[db.ApiFailure]
+    failures: list[errors.ApiFailure]
     sleeps: list[float]
 
     def kinds(self) -> list[str]:
@@ -45,22 +46,23 @@ class Harness:
 def _client(
     session: aiohttp.ClientSession,
     sim: events.EventsSimulator,
-    failures: list[db.ApiFailure],
+    failures: list[errors.ApiFailure],
     sleeps: list[float],
     state: runtime_state.RuntimeState,
     **overrides: Any,
 ) -> events_api.EventsClient:
-    async def record(failure: db.ApiFailure) -> None:
+    async def record(failure: errors.ApiFailure) -> None:
         failures.append(failure)
 
     async def sleep(seconds: float) -> None:
         sleeps.append(seconds)
         await asyncio.sleep(0)
 
+    token = overrides.pop("token", sim.token)  # a string, or a provider
     settings: dict[str, Any] = {
         "base_url": sim.base_url,
         "username": sim.username,
-        "token": sim.token,
+        "token": token if callable(token) else lambda: token,
         "timeout": 0,
         "on_failure": record,
         "state": state,
@@ -80,7 +82,7 @@ async def harness() -> AsyncIterator[Harness]:
         events.EventsSimulator(token=TOKEN, events=STREAM, page_size=100) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         sleeps: list[float] = []
         state = runtime_state.RuntimeState()
         yield Harness(sim, _client(session, sim, failures, sleeps, state), state, failures, sleeps)
@@ -109,7 +111,7 @@ async def _drain(client: events_api.EventsClient, url: events_api.EventsUrl) -> 
 
 
 async def test_start_url_is_built_and_masked() -> None:
-    async def record(failure: db.ApiFailure) -> None:
+    async def record(failure: errors.ApiFailure) -> None:
         raise AssertionError(failure)
 
     async with aiohttp.ClientSession() as session:
@@ -117,7 +119,7 @@ async def test_start_url_is_built_and_masked() -> None:
             session,
             base_url="https://eventsapi.example:8443/",
             username="ali ce/x",
-            token="zq/en?with&odd=chars",
+            token=lambda: "zq/en?with&odd=chars",
             timeout=30,
             on_failure=record,
             state=runtime_state.RuntimeState(),
@@ -141,7 +143,7 @@ async def test_start_url_is_built_and_masked() -> None:
 
 @pytest.mark.parametrize(("username", "token"), [("", TOKEN), ("alice", ""), ("   ", TOKEN), ("alice", "  ")])
 async def test_empty_credentials_are_a_config_error(username: str, token: str) -> None:
-    async def record(failure: db.ApiFailure) -> None:
+    async def record(failure: errors.ApiFailure) -> None:
         raise AssertionError(failure)
 
     async with aiohttp.ClientSession() as session:
@@ -150,7 +152,7 @@ async def test_empty_credentials_are_a_config_error(username: str, token: str) -
                 session,
                 base_url="http://127.0.0.1:1",
                 username=username,
-                token=token,
+                token=lambda: token,
                 timeout=0,
                 on_failure=record,
                 state=runtime_state.RuntimeState(),
@@ -204,7 +206,7 @@ async def test_server_errors_are_retried_and_recorded(harness: Harness, status: 
     assert all(f.api == "cb_events" and f.operation == "poll" for f in harness.failures)
     assert all(f.url.endswith("/events/alice_cam/***/?timeout=0") for f in harness.failures)
     excerpt = harness.failures[0].body_excerpt
-    assert excerpt is not None and len(excerpt) <= events_api.EXCERPT_CHARS
+    assert excerpt is not None and len(excerpt) <= errors.BODY_EXCERPT_CHARS
     assert ("Cloudflare" in excerpt) == (status >= 520)
     assert len(harness.sleeps) == 2 and all(0 < wait <= BACKOFF_MAX for wait in harness.sleeps)
 
@@ -221,12 +223,27 @@ async def test_429_honours_retry_after(harness: Harness) -> None:
 
 def test_retry_after_parsing() -> None:
     now = dt.datetime(2025, 8, 16, 12, 0, 0, tzinfo=dt.UTC)
-    assert events_api.parse_retry_after("120") == 120.0
-    assert events_api.parse_retry_after("999999") == events_api.MAX_RETRY_AFTER
-    assert events_api.parse_retry_after("Sat, 16 Aug 2025 12:00:30 GMT", now) == 30.0
-    assert events_api.parse_retry_after("Sat, 16 Aug 2025 11:00:00 GMT", now) == 0.0
-    assert events_api.parse_retry_after("soon") is None
-    assert events_api.parse_retry_after(None) is None
+    assert api_http.parse_retry_after("120") == 120.0
+    assert api_http.parse_retry_after("999999") == api_http.RETRY_AFTER_MAX_SECONDS
+    assert api_http.parse_retry_after("Sat, 16 Aug 2025 12:00:30 GMT", now) == 30.0
+    assert api_http.parse_retry_after("Sat, 16 Aug 2025 11:00:00 GMT", now) == 0.0
+    assert api_http.parse_retry_after("soon") is None
+    assert api_http.parse_retry_after(None) is None
+    assert api_http.parse_retry_after("Mon, 01 Jan 99999999999 00:00:00 GMT") is None
+    assert api_http.parse_retry_after("9" * 5000) == api_http.RETRY_AFTER_MAX_SECONDS
+
+
+@hypothesis.given(
+    value=st.one_of(
+        st.text(),
+        st.builds(
+            "{}, {} Aug {} 12:00:30 {}".format, st.text(max_size=3), st.integers(), st.integers(), st.text()
+        ),
+    )
+)
+def test_any_retry_after_header_is_seconds_or_none(value: str) -> None:
+    seconds = api_http.parse_retry_after(value)
+    assert seconds is None or 0 <= seconds <= api_http.RETRY_AFTER_MAX_SECONDS
 
 
 async def test_a_hang_past_the_read_timeout_is_a_timeout(harness: Harness) -> None:
@@ -325,7 +342,7 @@ async def test_an_empty_wait_in_the_400_form_keeps_polling() -> None:
         events.EventsSimulator(token=TOKEN, events=stream, empty_status=400) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         page = await client.fetch(client.start_url(stream[-1]["id"]))
         assert page.events == [] and failures == []
@@ -367,7 +384,7 @@ async def test_a_foreign_next_url_is_never_requested(captured_logs: io.StringIO)
     ):
         # Same scheme and host, other port: a real server that would notice any request.
         sim.foreign_base = foreign.base_url
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(events.Fault.foreign_next_url())
         page = await client.fetch(client.start_url(None))
@@ -499,7 +516,7 @@ async def test_any_next_url_from_the_server_is_survived(raw: object) -> None:
         events.EventsSimulator(token=TOKEN, events=stream) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(events.Fault.custom_next_url(raw))
         page = await client.fetch(client.start_url(None))
@@ -522,7 +539,7 @@ async def test_a_rejected_token_flags_readiness_and_recovers(captured_logs: io.S
         events.EventsSimulator(token=TOKEN, events=stream, auth_status=403) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         state = runtime_state.RuntimeState()
         flags_while_waiting: list[bool] = []
         waits: list[float] = []
@@ -574,7 +591,7 @@ async def test_the_token_never_leaks(captured_logs: io.StringIO) -> None:
         events.EventsSimulator(token=token, events=stream, page_size=50) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(
             events.Fault.server_error(500),
@@ -612,7 +629,7 @@ async def test_the_token_never_leaks(captured_logs: io.StringIO) -> None:
 
 
 async def test_a_failing_recorder_does_not_stop_polling(harness: Harness, captured_logs: io.StringIO) -> None:
-    async def broken(failure: db.ApiFailure) -> None:
+    async def broken(failure: errors.ApiFailure) -> None:
         raise errors.DatabaseUnavailable()
 
     async with aiohttp.ClientSession() as session:
@@ -620,3 +637,158 @@ async def test_a_failing_recorder_does_not_stop_polling(harness: Harness, captur
         harness.sim.schedule(events.Fault.server_error())
         assert len((await client.fetch(client.start_url(None))).events) == 100
     assert "api_failure_not_recorded" in captured_logs.getvalue()
+
+
+# -- hostile answers ----------------------------------------------------------------------------------------
+
+HOSTILE_OUTCOMES = {
+    "nesting_bomb": ("bad_body", 200, "nests too deeply"),
+    "gzip_bomb": ("bad_body", 200, "inflates to more than"),
+    "over_cap": ("bad_body", 200, "larger than"),
+    "invalid_utf8": ("bad_body", 200, "not JSON"),
+    "unknown_encoding": ("bad_body", 200, "encoding"),
+    "truncated_http": ("connection", None, "ClientPayloadError"),
+    "malformed_http": ("connection", None, "ClientResponseError"),
+    "redirect_loop": ("http_4xx", 302, "HTTP 302"),
+}
+TOO_MANY_DIGITS = (
+    '{"events": [{"id": "1755376889458-0", "method": "tip", "object": {"tip": {"tokens": '
+    + "9" * 5000
+    + '}}}], "nextUrl": null}'
+)
+
+
+def test_every_hostile_answer_has_an_expected_outcome() -> None:
+    assert set(HOSTILE_OUTCOMES) == set(http_faults.HOSTILE)
+
+
+async def test_hostile_answers_are_recorded_failures_between_valid_pages(captured_logs: io.StringIO) -> None:
+    stream = traffic.generate(250, seed=31)
+    hostile = [events.Fault.hostile(kind) for kind in http_faults.HOSTILE]
+    extra = [
+        # A Content-Length over the cap: refused before a byte of the body is read.
+        events.Fault.raw(200, " " * (config.DEFAULT_API_MAX_BODY_BYTES + 1)),
+        events.Fault.raw(200, TOO_MANY_DIGITS),  # over Python's 4,300-digit int() limit
+    ]
+    async with (
+        events.EventsSimulator(token=TOKEN, events=stream, page_size=50) as sim,
+        aiohttp.ClientSession() as session,
+    ):
+        failures: list[errors.ApiFailure] = []
+        client = _client(session, sim, failures, [], runtime_state.RuntimeState())
+        got: list[dict[str, Any]] = []
+        url = client.start_url(None)
+        for fault in [*hostile, *extra]:  # one hostile answer before each page
+            sim.schedule(fault)
+            page = await client.fetch(url)
+            got += page.events
+            url = page.next_url or client.start_url(page.next_event_id)
+        served = [request.fault for request in sim.requests]
+    assert got == stream
+    assert served == [kind for fault in [*hostile, *extra] for kind in (fault.kind, None)]
+    outcomes = [(f.error_kind, f.http_status) for f in failures]
+    expected = [HOSTILE_OUTCOMES[kind][:2] for kind in http_faults.HOSTILE]
+    assert outcomes == [*expected, ("bad_body", 200), ("bad_body", 200)]
+    text = captured_logs.getvalue()
+    logged = [json.loads(line) for line in text.splitlines() if "events_poll_failed" in line]
+    for line, kind in zip(logged, http_faults.HOSTILE, strict=False):
+        assert HOSTILE_OUTCOMES[kind][2] in line["error"], line
+    assert "larger than" in logged[-2]["error"] and "not JSON" in logged[-1]["error"]
+    for failure in failures:
+        assert failure.url.endswith("/events/alice_cam/***/?timeout=0") or "/***/?i=" in failure.url
+    for dump in (text, repr(failures)):
+        assert TOKEN not in dump and sim.base_url in dump
+
+
+async def test_a_deeply_nested_event_is_delivered_and_quarantined_by_ingest(harness: Harness) -> None:
+    deep = '{"id": "1755376889458-0", "method": "tokenRain", "object": {"x": ' + "[" * 998 + "]" * 998 + "}}"
+    body = f'{{"events": [{json.dumps(STREAM[0])}, {deep}, {json.dumps(STREAM[1])}], "nextUrl": null}}'
+    harness.sim.schedule(events.Fault.raw(200, body))
+    page = await harness.client.fetch(harness.client.start_url(None))
+    assert len(page.events) == 3 and page.finite_numbers and harness.failures == []
+    batch = ingest.parse_page(
+        page.events,
+        broadcaster="alice_cam",
+        received_at=page.received_at,
+        next_event_id=page.next_event_id,
+        finite_numbers=page.finite_numbers,
+    )
+    assert [event.event_id for event in batch.events] == [STREAM[0]["id"], STREAM[1]["id"]]
+    assert [item.reason for item in batch.quarantined] == [
+        f"nested deeper than {json_depth.MAX_DEPTH} levels"
+    ]
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak resident size to the current one (Linux 4.0+), so growth is measured from here."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def test_a_gzip_bomb_never_inflates_in_memory(harness: Harness) -> None:
+    http_faults.gzip_bomb()  # built (and cached) before the measurement: the server's cost, not the client's
+    if not _reset_peak_rss():
+        pytest.skip("the peak resident size cannot be reset here")
+    before = _peak_rss_kib()
+    harness.sim.schedule(*[events.Fault.hostile("gzip_bomb")] * 3)
+    page = await harness.client.fetch(harness.client.start_url(None))
+    grown_mib = (_peak_rss_kib() - before) / 1024
+    assert page.events == STREAM[:100]
+    assert harness.kinds() == ["bad_body"] * 3
+    assert grown_mib < 60, f"the peak resident size grew by {grown_mib:.0f} MiB"
+
+
+# -- token rotation -----------------------------------------------------------------------------------------
+
+
+async def test_a_rotated_token_is_sent_at_once_and_the_old_one_never_again(
+    captured_logs: io.StringIO,
+) -> None:
+    stream = traffic.generate(150, seed=32)
+    old, new = TOKEN, "n3w-t0ken-after-rotation"
+    current = [old]
+    reloads: list[str] = []
+
+    def reload() -> None:  # what the daemon does on a 401: read the token file again
+        reloads.append(current[0])
+        current[0] = new
+
+    async with (
+        events.EventsSimulator(token=old, events=stream, page_size=100) as sim,
+        aiohttp.ClientSession() as session,
+    ):
+        failures: list[errors.ApiFailure] = []
+        client = _client(
+            session,
+            sim,
+            failures,
+            [],
+            runtime_state.RuntimeState(),
+            token=lambda: current[0],
+            on_auth_rejected=reload,
+        )
+        page = await client.fetch(client.start_url(None))
+        assert page.next_url is not None and old in page.next_url.reveal(), "a nextUrl has the old token"
+        sim.token = new  # rotated on the server; the daemon still reads the old token
+        before = len(sim.requests)
+        page = await client.fetch(page.next_url)
+        assert page.events == stream[100:]
+        assert reloads == [old] and [f.error_kind for f in failures] == ["auth_rejected"]
+        after = [request.path_qs for request in sim.requests[before + 1 :]]
+        assert after and all(f"/{new}/" in path and old not in path for path in after)
+        current[0] = "an0ther-t0ken-rotated-quietly"  # rotated without a 401: the next request carries it
+        sim.token = current[0]
+        assert (await client.fetch(page.next_url or client.start_url(page.next_event_id))).events == []
+        assert f"/{current[0]}/" in sim.requests[-1].path_qs
+    text = captured_logs.getvalue()
+    assert old not in text and new not in text and current[0] not in text

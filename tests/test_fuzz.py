@@ -17,7 +17,7 @@ import asyncpg
 import hypothesis
 from hypothesis import strategies as st
 
-from daemon import db, ingest, runtime_state, spool
+from daemon import db, errors, ingest, runtime_state, spool
 from daemon.simulator import events, traffic
 from tests import event_samples as sample
 from tests.test_events_api import TOKEN, _client
@@ -76,7 +76,7 @@ async def test_any_response_body_is_a_page_or_a_recorded_failure(body: str, stat
         events.EventsSimulator(token=TOKEN, events=stream) as sim,
         aiohttp.ClientSession() as session,
     ):
-        failures: list[db.ApiFailure] = []
+        failures: list[errors.ApiFailure] = []
         client = _client(session, sim, failures, [], runtime_state.RuntimeState())
         sim.schedule(events.Fault.raw(status, body))
         page = await client.fetch(client.start_url(None))

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import config, db, health, runtime_state
+from daemon import config, db, errors, health, runtime_state
 
 TOKEN = "z9x8c7v6b5n4m3l2k1j0hgfd"
 
@@ -187,7 +187,7 @@ async def test_status_shows_counts_and_the_last_ten_failures_masked(
     for attempt in range(1, 13):
         await db.record_api_failure(
             pool,
-            db.ApiFailure(
+            errors.ApiFailure(
                 api="cb_events",
                 operation="poll",
                 url=f"https://eventsapi.chaturbate.com/events/alice/{TOKEN}/?i={attempt}",

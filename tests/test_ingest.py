@@ -7,11 +7,12 @@ import hashlib
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import db, ingest
+from daemon import db, ingest, json_depth
 from tests import event_samples as sample
 from tests.conftest import shared_path
 
@@ -241,6 +242,53 @@ def test_nul_survives_as_escaped_text_in_quarantine() -> None:
 def test_escaped_backslash_text_is_not_mistaken_for_nul() -> None:
     batch = sample.page([sample.chat(1, "x", text="literally \\u0000")])
     assert batch.quarantined == [] and batch.interactions[0].content == "literally \\u0000"
+
+
+def test_orjson_encodes_exactly_up_to_the_nesting_limit() -> None:
+    # The fast path relies on orjson refusing what nests past the limit: an upgrade that moves its
+    # boundary must move json_depth.MAX_DEPTH too.
+    limit = json_depth.MAX_DEPTH
+    orjson.dumps(sample.nested(limit))
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(sample.nested(limit + 1))
+    assert not json_depth.deeper_than(sample.nested(limit)) and json_depth.deeper_than(
+        sample.nested(limit + 1)
+    )
+    assert not json_depth.deeper_than("text", 0) and json_depth.deeper_than([], 0)
+    assert json_depth.deeper_than(sample.nested(100_000))  # iterative: no RecursionError
+
+
+@pytest.mark.parametrize("finite_numbers", [True, False], ids=["orjson", "stdlib"])
+@pytest.mark.parametrize("depth", [json_depth.MAX_DEPTH, json_depth.MAX_DEPTH + 1, 1000])
+def test_an_event_nested_past_the_limit_is_quarantined_on_either_path(
+    depth: int, finite_numbers: bool
+) -> None:
+    deep = sample.deep_chat(2, "deep", depth)
+    batch = ingest.parse_page(
+        [sample.chat(1, "before"), deep, sample.chat(3, "after")],
+        broadcaster=sample.ROOM,
+        received_at=sample.RECEIVED,
+        next_event_id=None,
+        finite_numbers=finite_numbers,
+    )
+    if depth <= json_depth.MAX_DEPTH:
+        assert [row.username for row in batch.interactions] == ["before", "deep", "after"]
+        assert json.loads(batch.events[1].raw_json) == deep and batch.quarantined == []
+        return
+    assert [row.username for row in batch.interactions] == ["before", "after"]
+    (bad,) = batch.quarantined
+    assert bad.reason == f"nested deeper than {json_depth.MAX_DEPTH} levels"
+    assert (bad.event_id, bad.method) == (sample.event_id(2), "chatMessage")
+    kept = json.loads(bad.raw_text)  # pruned below the limit, so it is written and read back without fail
+    assert not json_depth.deeper_than(kept) and bad.reason in bad.raw_text and bad.raw_text.isascii()
+    assert kept["object"]["message"] == deep["object"]["message"]
+
+
+def test_a_deep_item_that_is_no_envelope_is_quarantined_too() -> None:
+    batch = sample.page([sample.chat(1, "before"), [sample.nested(5000)], sample.chat(2, "after")])
+    (bad,) = batch.quarantined
+    assert bad.reason == "not a JSON object" and bad.event_id is None
+    assert not json_depth.deeper_than(json.loads(bad.raw_text))
 
 
 @given(st.text())

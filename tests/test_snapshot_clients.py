@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from daemon import db, errors, logs, statbate_api, stats_api
+from daemon import api_http, errors, json_depth, logs, statbate_api, stats_api
+from daemon.simulator import http_faults
 from daemon.simulator import statbate as statbate_sim
 from daemon.simulator import stats as stats_sim
 
@@ -19,10 +20,10 @@ STATS_TOKEN = "StatsTokenSecret12345678"
 
 class Failures:
     def __init__(self) -> None:
-        self.rows: list[db.ApiFailure] = []
+        self.rows: list[errors.ApiFailure] = []
         self.waits: list[float] = []
 
-    async def record(self, failure: db.ApiFailure) -> None:
+    async def record(self, failure: errors.ApiFailure) -> None:
         self.rows.append(failure)
 
     async def sleep(self, seconds: float) -> None:
@@ -47,16 +48,36 @@ def log_text() -> io.StringIO:
 
 
 def _statbate(
-    session: aiohttp.ClientSession, sim: statbate_sim.StatbateSimulator, failures: Failures, **options: float
+    session: aiohttp.ClientSession,
+    sim: statbate_sim.StatbateSimulator,
+    failures: Failures,
+    token: api_http.TokenProvider | None = None,
+    **options: float,
 ) -> statbate_api.StatbateClient:
     return statbate_api.StatbateClient(
         session,
         base_url=sim.base_url,
-        token=sim.token,
+        token=token or (lambda: sim.token),
         on_failure=failures.record,
         sleep=failures.sleep,
         timeout=options.get("timeout", 5.0),
         max_attempts=int(options.get("max_attempts", 4)),
+    )
+
+
+def _stats(
+    session: aiohttp.ClientSession,
+    sim: stats_sim.StatsSimulator,
+    failures: Failures,
+    token: api_http.TokenProvider | None = None,
+) -> stats_api.StatsClient:
+    return stats_api.StatsClient(
+        session,
+        url=sim.base_url,
+        username=sim.username,
+        token=token or (lambda: sim.token),
+        on_failure=failures.record,
+        sleep=failures.sleep,
     )
 
 
@@ -148,7 +169,7 @@ async def test_wrong_statbate_token_is_auth_rejected(session: aiohttp.ClientSess
         client = statbate_api.StatbateClient(
             session,
             base_url=sim.base_url,
-            token="wrong-token",
+            token=lambda: "wrong-token",
             on_failure=failures.record,
             sleep=failures.sleep,
         )
@@ -166,7 +187,7 @@ async def test_stats_client_shapes_and_failures(
             session,
             url=sim.base_url,
             username="Hudson_Cage",
-            token=STATS_TOKEN,
+            token=lambda: STATS_TOKEN,
             on_failure=failures.record,
             sleep=failures.sleep,
             timeout=0.3,
@@ -199,3 +220,101 @@ def test_off_when_no_token() -> None:
     settings = config.load(statbate_token=None, cb_stats_token=None, cb_username="hudson_cage")
     assert statbate_api.StatbateClient.from_settings(None, settings, Failures().record) is None  # type: ignore[arg-type]
     assert stats_api.StatsClient.from_settings(None, settings, Failures().record) is None  # type: ignore[arg-type]
+
+
+# The failure kind of each hostile answer. A redirect is neither followed nor retried: a 302 is a refused
+# request like any other 3xx/4xx; every other kind is retried, and the retry gets the real answer.
+HOSTILE_KINDS = {
+    "nesting_bomb": "bad_body",
+    "gzip_bomb": "bad_body",
+    "over_cap": "bad_body",
+    "invalid_utf8": "bad_body",
+    "unknown_encoding": "bad_body",
+    "truncated_http": "connection",
+    "malformed_http": "connection",
+    "redirect_loop": "http_4xx",
+}
+
+
+def test_every_hostile_answer_is_covered() -> None:
+    assert set(HOSTILE_KINDS) == set(http_faults.HOSTILE)
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_KINDS))
+async def test_hostile_answers_are_our_errors(session: aiohttp.ClientSession, kind: str) -> None:
+    failures = Failures()
+    async with (
+        statbate_sim.running(token=STATBATE_TOKEN) as statbate,
+        stats_sim.running(token=STATS_TOKEN) as stats,
+    ):
+        statbate.add_member("alice")
+        statbate_client = _statbate(session, statbate, failures)
+        stats_client = _stats(session, stats, failures)
+        calls = {
+            "member_info": lambda: statbate_client.member_info("alice"),
+            "member_info_batch": lambda: statbate_client.member_info_batch(["alice"]),
+            "stats": stats_client.fetch,
+        }
+        for operation, call in calls.items():
+            (statbate if operation != "stats" else stats).faults.add(kind)
+            try:
+                answer = await call()
+            except errors.ApiError as error:
+                assert kind == "redirect_loop" and isinstance(error, errors.ClientRejected)
+            else:
+                assert answer, "the retry after the hostile answer is the real one"
+            assert failures.rows[-1].operation == operation
+    assert [(row.error_kind, row.attempt) for row in failures.rows] == [(HOSTILE_KINDS[kind], 1)] * 3
+    assert STATBATE_TOKEN not in repr(failures.rows) and STATS_TOKEN not in repr(failures.rows)
+
+
+async def test_absurd_integers_are_values(session: aiohttp.ClientSession) -> None:
+    failures = Failures()
+    absurd = int("9" * http_faults.ABSURD_DIGITS)
+    async with (
+        statbate_sim.running(token=STATBATE_TOKEN) as statbate,
+        stats_sim.running(token=STATS_TOKEN) as stats,
+    ):
+        statbate.add_member("alice")
+        statbate.add_model("hudson_cage")
+        client = _statbate(session, statbate, failures)
+        statbate.faults.add("absurd_integers", times=2)
+        assert (await client.member_info("alice"))["data"]["did"] == absurd
+        assert (await client.model_info("hudson_cage"))["data"]["rid"] == absurd
+        stats.faults.add("absurd_integers")
+        assert (await _stats(session, stats, failures).fetch())["token_balance"] == absurd
+    assert failures.rows == []
+
+
+async def test_a_body_nested_past_the_limit_is_a_bad_body(session: aiohttp.ClientSession) -> None:
+    failures = Failures()
+    deep: list[object] = []
+    for _ in range(json_depth.MAX_DEPTH):
+        deep = [deep]  # with the answer's envelope, data and the member: past the limit
+    async with statbate_sim.running(token=STATBATE_TOKEN) as sim:
+        sim.add_member("alice", notes=deep)
+        client = _statbate(session, sim, failures)
+        with pytest.raises(errors.BadBody, match=f"deeper than {json_depth.MAX_DEPTH} levels"):
+            await client.member_info("alice")
+    assert failures.kinds == ["bad_body"] * 4
+
+
+async def test_each_attempt_sends_the_current_token(session: aiohttp.ClientSession) -> None:
+    failures = Failures()
+    current = ["7|first-statbate-token", "first-stats-token"]
+    async with (
+        statbate_sim.running(token=current[0]) as statbate,
+        stats_sim.running(token=current[1]) as stats,
+    ):
+        statbate.add_member("alice")
+        statbate_client = _statbate(session, statbate, failures, token=lambda: current[0])
+        stats_client = _stats(session, stats, failures, token=lambda: current[1])
+        await statbate_client.member_info("alice")
+        await stats_client.fetch()
+        statbate.token = current[0] = "7|second-statbate-token"  # rotated: the clients are not rebuilt
+        stats.token = current[1] = "second-stats-token"
+        await statbate_client.member_info("alice")
+        await stats_client.fetch()
+        assert stats.recorder.requests[-1].query["token"] == "second-stats-token"
+    assert failures.rows == []
+    assert "second-stats-token" not in stats_client.masked_url

@@ -20,7 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from daemon import config, db, logs, metrics, reports, runtime_state, snapshots
+from daemon import config, db, errors, logs, metrics, reports, runtime_state, snapshots
 from daemon.simulator import statbate as statbate_sim
 from daemon.simulator import stats as stats_sim
 
@@ -98,7 +98,7 @@ class World:
         self.clock[:] = [time]
         state = runtime_state.RuntimeState()
 
-        async def record(failure: db.ApiFailure) -> None:
+        async def record(failure: errors.ApiFailure) -> None:
             await db.record_api_failure(self.pool, failure)
 
         await asyncio.wait_for(

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 import structlog
 
-from daemon import db, errors, ingest, metrics
+from daemon import db, errors, ingest, json_depth, metrics
 from tests import event_samples as sample
 from tests.conftest import shared_path
 
@@ -177,6 +177,42 @@ async def test_malformed_items_are_quarantined_once_and_the_rest_is_stored(pool:
     again = await _write(pool, sample.page(items))
     assert (again.quarantined, again.new_events) == (0, 0)
     assert await _count(pool, "quarantined_events") == 5
+
+
+@pytest.mark.parametrize("finite_numbers", [True, False], ids=["orjson", "stdlib"])
+async def test_an_event_nested_past_the_limit_is_quarantined_and_the_rest_stored(
+    pool: asyncpg.Pool, finite_numbers: bool
+) -> None:
+    edge = sample.deep_chat(2, "edge", json_depth.MAX_DEPTH)
+    items = [sample.chat(1, "before"), edge, sample.deep_chat(3, "deep", 1000), sample.chat(4, "after")]
+    batch = ingest.parse_page(
+        items,
+        broadcaster=sample.ROOM,
+        received_at=sample.RECEIVED,
+        next_event_id=sample.event_id(4),
+        finite_numbers=finite_numbers,
+    )
+    result = await _write(pool, batch)
+    assert (result.new_events, result.interactions, result.quarantined) == (3, 3, 1)
+    (row,) = await pool.fetch("SELECT event_id, reason, raw FROM quarantined_events")
+    assert row["event_id"] == sample.event_id(3)
+    assert row["reason"] == f"nested deeper than {json_depth.MAX_DEPTH} levels"
+    assert json.loads(row["raw"])["object"]["message"]["message"] == "hello!"
+    assert await pool.fetchval("SELECT raw FROM events WHERE event_id = $1", sample.event_id(2)) == edge
+    cursor = await db.load_cursor(pool, sample.ROOM)
+    assert cursor is not None and cursor.last_event_id == sample.event_id(4)
+
+
+@pytest.mark.parametrize(
+    "position", ["9" * 65, "1755376889458-0\x00", "\ud800"], ids=["long", "nul", "surrogate"]
+)
+async def test_a_position_the_cursor_cannot_hold_leaves_it_where_it_was(
+    pool: asyncpg.Pool, position: str
+) -> None:
+    await _write(pool, sample.page([sample.chat(1, "bob")]))
+    result = await _write(pool, sample.page([sample.chat(2, "bob")], next_event_id=position))
+    assert result.new_events == 1
+    assert await db.load_cursor(pool, sample.ROOM) == db.Cursor(sample.ROOM, sample.event_id(1), TIMEOUT)
 
 
 async def test_unknown_method_is_stored_raw_without_interaction(pool: asyncpg.Pool) -> None:

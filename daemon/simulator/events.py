@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode
 
 from aiohttp import web
 
-from daemon.simulator import traffic
+from daemon.simulator import http_faults, traffic
 
 SERVER_ERROR_STATUSES = (500, 502, 503, 504)
 CLOUDFLARE_STATUSES = (520, 521, 522, 523, 524)
@@ -130,6 +130,14 @@ class Fault:
     def custom_next_url(cls, value: Any) -> Fault:
         """A page whose `nextUrl` is exactly `value` (any JSON value)."""
         return cls("next_url", next_url=value)
+
+    @classmethod
+    def hostile(cls, kind: str) -> Fault:
+        """One of `http_faults.HOSTILE`: a nesting or gzip bomb, a body over the cap, invalid UTF-8, an
+        unknown encoding, truncated or malformed HTTP, a redirect to itself."""
+        if kind not in http_faults.HOSTILE:
+            raise ValueError(f"unknown hostile answer {kind!r}; one of {http_faults.HOSTILE}")
+        return cls(kind)
 
     @classmethod
     def empty_400(cls) -> Fault:
@@ -438,6 +446,9 @@ class EventsSimulator:
                 "nextUrl": self._next_url(cursor, _timeout_of(request)),
             }
             return _json({**body, "events": []}, 400)
+        if fault.kind in http_faults.HOSTILE:
+            self._record(request, {"redirect_loop": 302, "malformed_http": None}.get(fault.kind, 200), fault)
+            return await http_faults.hostile(fault.kind, request)
         if fault.kind == "raw":
             self._record(request, fault.status, fault)
             return web.Response(status=fault.status or 200, text=fault.body, content_type=fault.content_type)

@@ -166,13 +166,13 @@ class StatbateSimulator:
             await self._runner.cleanup()
 
     async def _gate(
-        self, request: web.Request, names: tuple[str, ...], truncate: Any
+        self, request: web.Request, names: tuple[str, ...], answer: Any
     ) -> web.StreamResponse | None:
         """Record the request; answer it with a queued fault or an auth failure, else None (serve it)."""
         fault = self.faults.take(request.path)
         self.recorder.record(request, names, fault)
         if fault is not None:
-            return await http_faults.apply(fault, request, self._closing, truncate)
+            return await http_faults.apply(fault, request, self._closing, answer)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return http_faults.json_response(401, {"message": "Unauthenticated."})
         if request.match_info["site"] not in SITES:
