@@ -61,6 +61,7 @@ DATABASE_START_WAIT_SECONDS = 5.0
 # twice as long after each one, up to five minutes.
 RESTART_BACKOFF = waits.Backoff(2.0, 300.0)
 UNRECORDED_FAILURES_MAX = 10_000
+FIRST_COMMIT_WAIT_SECONDS = 5.0  # how long the snapshot side lets the event path go first
 STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
 # Once caught up, requests start at most this often: the client's 2,000 requests per minute spread evenly
 # (plus 5%). Unpaced, a busy live room (a request per event or two) used up the minute's allowance in ~10 s,
@@ -94,6 +95,7 @@ class Supervisor:
     position: position_file.PositionFile = field(init=False)
     # Set once the schema is migrated and current: only then does the writer write.
     database_ready: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    first_commit: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     # Failure rows not stored yet (the database was away); the oldest go first if an outage overflows it.
     _unrecorded: collections.deque[errors.ApiFailure] = field(
         init=False, default_factory=lambda: collections.deque(maxlen=UNRECORDED_FAILURES_MAX)
@@ -284,12 +286,15 @@ class Supervisor:
                 return
 
     async def _when_database_ready(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` once the schema is ready (never, if the daemon stops first)."""
+        """Run `work` once the schema is ready (never, if the daemon stops first), and after the writer's
+        first commit or a few seconds: the event path goes first, and lookups then find the first viewers."""
         try:
             await self._database_ready_within(None)
         except _Stopping:
             work.close()
             return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.first_commit.wait(), timeout=FIRST_COMMIT_WAIT_SECONDS)
         await work
 
     def _failure_recorder(self, pool: db.Pool) -> api_http.FailureRecorder:
@@ -515,6 +520,7 @@ class Supervisor:
     async def _commit(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
         batch = ingest.merge([page.batch for page in pages])
         result = await self._store(pool, batch)
+        self.first_commit.set()
         self._account(result)
         self.position.committed(batch.next_event_id)
         if self._unrecorded:
