@@ -50,14 +50,15 @@ async def _run(settings: config.Settings, args: argparse.Namespace) -> int:
         name
         for name, value in (
             ("MHC_CB_USERNAME", settings.cb_username),
-            ("MHC_CB_EVENTS_TOKEN (or MHC_CB_EVENTS_TOKEN_FILE)", settings.cb_events_token),
+            ("MHC_CB_EVENTS_TOKEN", settings.cb_events_token),
         )
         if not value
     ]
     if missing:
         raise errors.ConfigError(
             f"invalid configuration: {' and '.join(missing)} must be set to run the daemon "
-            "(make an Events API token at https://chaturbate.com/statsapi/authtoken/)"
+            "(the token may also be a file: MHC_CB_EVENTS_TOKEN_FILE; "
+            "make an Events API token at https://chaturbate.com/statsapi/authtoken/)"
         )
     if args.no_migrate:
         settings = settings.model_copy(update={"migrate_on_start": False})
