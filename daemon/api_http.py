@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import json
+import math
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -199,9 +200,10 @@ def decode_json(response: Response) -> tuple[Any, bool]:
     orjson is several times faster on a backlog, and what it decodes never holds NaN or an infinite float, so
     ingest may encode it with orjson too. What orjson refuses (NaN and Infinity literals, lone surrogates, a
     byte-order mark, nesting deeper than 1,024) or may read differently (a long digit run: an integer beyond
-    64 bits becomes a float) the standard library decodes, so every body means what it did before. Whatever
-    neither reads (invalid UTF-8, an integer over Python's 4,300 digits, nesting past the recursion limit) is
-    a bad body.
+    64 bits becomes a float) the standard library decodes, so every body means what it did before. An integer
+    beyond Python's 4,300-digit limit decodes as infinity, so only its own event is quarantined (a page that
+    failed whole would be served again forever). Whatever neither reads (invalid UTF-8, nesting past the
+    recursion limit) is a bad body.
     """
     body = response.body
     if _LONG_DIGITS not in body.translate(_DIGITS_AS_ZEROS):
@@ -210,12 +212,19 @@ def decode_json(response: Response) -> tuple[Any, bool]:
         except orjson.JSONDecodeError:
             pass
     try:
-        return json.loads(body), False
+        return json.loads(body, parse_int=_integer), False
     except RecursionError:
         problem = "the body nests too deeply to decode"
     except ValueError:  # JSONDecodeError, UnicodeDecodeError, and int's digit limit
         problem = "the body is not JSON"
     raise errors.BadBody(problem, status=response.status, body_excerpt=excerpt(body))
+
+
+def _integer(digits: str) -> int | float:
+    try:
+        return int(digits)
+    except ValueError:  # over the digit limit: no storable value, and the encoders refuse infinity
+        return math.inf
 
 
 async def request_json(
@@ -247,13 +256,17 @@ async def request_json(
     )
     if response.status >= 300:
         raise error_for_status(response, lookup=True)
-    payload, _ = decode_json(response)
+    payload, finite = decode_json(response)
+    problem = None
     if json_depth.deeper_than(payload):
-        raise errors.BadBody(
-            f"the body nests deeper than {json_depth.MAX_DEPTH} levels",
-            status=response.status,
-            body_excerpt=excerpt(response.body),
-        )
+        problem = f"the body nests deeper than {json_depth.MAX_DEPTH} levels"
+    elif not finite:
+        try:  # stored whole as jsonb, which holds no NaN or infinity
+            json.dumps(payload, allow_nan=False)
+        except ValueError:
+            problem = "the body holds a number JSON cannot store (NaN, infinity, or too many digits)"
+    if problem is not None:
+        raise errors.BadBody(problem, status=response.status, body_excerpt=excerpt(response.body))
     return payload
 
 
