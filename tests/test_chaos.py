@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import random
 import signal
 import tempfile
@@ -250,6 +251,121 @@ async def test_a_full_spool_pauses_polling_and_drops_nothing(
     )
     full = [record for record in records if record.get("event") == "spool_full_polling_paused"]
     assert full and full[0]["level"] == "error" and full[0]["limit_mb"] == 1
+
+
+# -- PostgreSQL down when the daemon starts ------------------------------------------------------------------
+
+
+async def _probe_outage(
+    daemon: Any, http: aiohttp.ClientSession, sim: simulator.EventsSimulator, seconds: float
+) -> tuple[list[tuple[int, dict[str, Any]]], int, int]:
+    """Probe /readyz and the spool once a second for `seconds` while the database is down, the daemon alive
+    throughout; (readiness answers, spool peak bytes, requests the simulator saw meanwhile)."""
+    loop = asyncio.get_running_loop()
+    base = await chaos.health_url(daemon)
+    requests_before, started = sim.request_count, loop.time()
+    answers, spool_peak = [], 0
+    while loop.time() - started < seconds:
+        assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+        async with http.get(f"{base}/readyz") as response:
+            answers.append((response.status, await response.json()))
+        spool_peak = max(spool_peak, (await _spool_status(http, base))[1])
+        await asyncio.sleep(1.0)
+    return answers, spool_peak, sim.request_count - requests_before
+
+
+@pytest.mark.timeout(300)
+async def test_a_start_while_postgresql_is_down_polls_from_the_saved_position_into_the_spool(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    served = traffic.generate(6_000, seed=83, broadcaster=BROADCASTER, shows=2)
+    backlog, later = served[:4_000], served[4_000:]  # `later` arrives while the database is down
+    expected = chaos.expected_contents(served)
+    url = await _migrated_database(postgres)
+    log_path, spool_file = tmp_path / "daemon.log", tmp_path / "data" / "spool" / "pages.jsonl"
+    connection = await asyncpg.connect(url)
+    async with (
+        simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=backlog, page_size=20) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        env = daemon_env(
+            database_url=url, events_base_url=sim.base_url, data_dir=tmp_path / "data", MHC_LOG_LEVEL="info"
+        )
+        async with running_daemon(env, log_path) as daemon:
+            await wait_for_count(connection, COUNT_EVENTS, at_least=1_000, within=60, process=daemon)
+            await _stop_cleanly(daemon)
+        first_run = int(await connection.fetchval(COUNT_EVENTS))
+        await connection.close()
+        saved = json.loads((tmp_path / "data" / "position.json").read_text())["last_event_id"]
+        postgres.stop()
+        try:
+            await sim.append(later)
+            first_request = sim.request_count
+            async with running_daemon(env, log_path) as daemon:
+                await chaos.wait_for_log_event(daemon, "health_server_listening", count=2)
+                answers, spool_peak, requests = await _probe_outage(daemon, http, sim, 60.0)
+                postgres.start()
+                connection = await asyncpg.connect(url)
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=120, process=daemon
+                )
+                await connection.close()
+                await chaos.wait_for_log_event(daemon, "spool_drained")
+                await _stop_cleanly(daemon)
+        finally:
+            if not postgres.is_running():
+                postgres.start()
+    problems = {body.get("database_problem") for _, body in answers}
+    print(
+        f"[PostgreSQL down at start] first run stored {first_run} events, saved {saved}; 60 s down: "
+        f"{len(answers)} /readyz probes {Counter(status for status, _ in answers)}, {requests} requests, "
+        f"spool peak {spool_peak} bytes; problems {problems}"
+    )
+    assert sim.requests[first_request].event_id == saved, "polling resumes from the saved position"
+    assert requests > 0 and spool_peak > 0
+    assert all(status == 503 and body["checks"]["database"] == "failing" for status, body in answers), answers
+    assert all(problem and problem.startswith("database unavailable") for problem in problems), problems
+    assert not spool_file.exists()
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "PostgreSQL down 60 s at start")
+
+
+@pytest.mark.timeout(300)
+async def test_a_first_start_while_postgresql_is_down_waits_for_it_then_stores_everything_once(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    """No position saved on this host (a fresh data directory), no database: nothing to poll from yet."""
+    served = traffic.generate(2_000, seed=89, broadcaster=BROADCASTER)
+    expected = chaos.expected_contents(served)
+    url = await postgres.create_database()  # empty: migrated by the daemon once the server is back
+    async with simulator.EventsSimulator(
+        username=BROADCASTER, token=TOKEN, events=served, page_size=50
+    ) as sim:
+        env = daemon_env(
+            database_url=url, events_base_url=sim.base_url, data_dir=tmp_path / "data", MHC_LOG_LEVEL="info"
+        )
+        postgres.stop()
+        try:
+            async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+                await chaos.wait_for_log_event(daemon, "waiting_for_database")
+                await asyncio.sleep(10.0)
+                assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+                requests_while_down = sim.request_count
+                postgres.start()
+                await chaos.wait_for_log_event(daemon, "database_ready", within=60)  # migrated
+                connection = await asyncpg.connect(url)
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=120, process=daemon
+                )
+                await connection.close()
+                await _stop_cleanly(daemon)
+        finally:
+            if not postgres.is_running():
+                postgres.start()
+    print(
+        f"[first start, PostgreSQL down] {requests_while_down} requests while down, then {sim.request_count}"
+    )
+    assert requests_while_down == 0
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "first start while PostgreSQL is down")
 
 
 # -- an API fault storm --------------------------------------------------------------------------------------

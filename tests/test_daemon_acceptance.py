@@ -1,4 +1,5 @@
-"""`mhc-daemon run` as a real child process: SIGKILL at random moments, SIGTERM mid-backlog, systemd notify.
+"""`mhc-daemon run` as a real child process: SIGKILL at random moments, SIGTERM mid-backlog, systemd notify,
+SIGHUP mid-drain, a read-only database, an event the schema refuses, a snapshot task that keeps failing.
 
 The simulator runs in this process on 127.0.0.1; the daemon writes into a fresh test database.
 """
@@ -6,6 +7,7 @@ The simulator runs in this process on 127.0.0.1; the daemon writes into a fresh 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import itertools
 import json
@@ -14,13 +16,23 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from daemon import ingest
 from daemon.simulator import events, traffic
-from tests.daemon_process import BROADCASTER, TOKEN, daemon_env, running_daemon, wait_for_count
+from tests import chaos_support as chaos
+from tests.daemon_process import (
+    BROADCASTER,
+    TOKEN,
+    DaemonProcess,
+    daemon_env,
+    running_daemon,
+    wait_for_count,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -203,3 +215,232 @@ async def test_run_without_a_token_is_a_config_error(tmp_path: Path, database_ur
         assert await child.wait(within=30) == 78
     text = child.log_text()
     assert "MHC_CB_EVENTS_TOKEN must be set" in text and "Traceback" not in text
+
+
+# -- Unkillable: database refusals and signals ---------------------------------------------------------------
+
+
+def _database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+async def _set_read_only(admin: asyncpg.Connection, database: str, *, read_only: bool) -> None:
+    """New sessions of `database` refuse (or take again) every write; the daemon's sessions are ended so that
+    the ones it opens next pick the setting up. No ALTER SYSTEM: safe on a shared server."""
+    change = "SET default_transaction_read_only = on" if read_only else "RESET default_transaction_read_only"
+    await admin.execute(f'ALTER DATABASE "{database}" {change}')  # a name from our own fixture
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = $1 AND application_name LIKE 'mhc-daemon%'",
+        database,
+    )
+
+
+async def _wait_for_read_only_refusal(child: DaemonProcess, *, within: float = 30.0) -> None:
+    """Until the daemon logs a write refused as read-only (not merely its session ended)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not any(
+        record.get("event") == "database_unavailable" and "read-only" in record.get("error", "")
+        for record in chaos.log_records(child)
+    ):
+        assert loop.time() < deadline and child.process.returncode is None, child.log_text()[-3000:]
+        await asyncio.sleep(0.1)
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+async def _wait_for_growth(path: Path, beyond: int, *, within: float = 30.0) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while (size := _size(path)) <= beyond:
+        assert loop.time() < deadline, f"{path} did not grow beyond {beyond} bytes within {within} s"
+        await asyncio.sleep(0.05)
+    return size
+
+
+async def test_a_read_only_database_spools_pages_and_stores_each_once_when_writable_again(
+    server_url: str, database_url: str, connection: asyncpg.Connection, tmp_path: Path
+) -> None:
+    served = traffic.generate(5_000, seed=23, broadcaster=BROADCASTER, shows=2)
+    backlog, later = served[:4_000], served[4_000:]  # `later` arrives while writes are refused
+    expected = chaos.expected_contents(served)
+    spool_file = tmp_path / "data" / "spool" / "pages.jsonl"
+    database = _database_name(database_url)
+    admin: asyncpg.Connection = await asyncpg.connect(server_url)
+    try:
+        async with events.EventsSimulator(
+            username=BROADCASTER, token=TOKEN, events=backlog, page_size=20
+        ) as sim:
+            env = daemon_env(
+                database_url=database_url, events_base_url=sim.base_url, data_dir=tmp_path / "data"
+            )
+            async with running_daemon(env, tmp_path / "daemon.log") as child:
+                await wait_for_count(connection, COUNT_EVENTS, at_least=300, within=60, process=child)
+                await _set_read_only(admin, database, read_only=True)
+                stored_at_switch = int(await connection.fetchval(COUNT_EVENTS))
+                await chaos.wait_for_log_event(child, "spooling_to_disk")
+                await _wait_for_read_only_refusal(child)
+                spooled = await _wait_for_growth(spool_file, 0)
+                await sim.append(later)
+                grown = await _wait_for_growth(spool_file, spooled)
+                await _set_read_only(admin, database, read_only=False)
+                await wait_for_count(
+                    connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=60, process=child
+                )
+                await chaos.wait_for_log_event(child, "spool_drained")
+                child.signal(signal.SIGTERM)
+                assert await child.wait(within=30) == 0
+    finally:
+        await _set_read_only(admin, database, read_only=False)
+        await admin.close()
+    refusals = [
+        record for record in chaos.log_records(child) if record.get("event") == "database_unavailable"
+    ]
+    print(
+        f"\nread-only after {stored_at_switch} events: {len(refusals)} database_unavailable lines "
+        f"({sum('read-only' in record['error'] for record in refusals)} read-only), "
+        f"spool {spooled} -> {grown} bytes, drained"
+    )
+    assert stored_at_switch < len(backlog), "the database must turn read-only mid-drain"
+    assert not spool_file.exists()
+    chaos.assert_exactly(await chaos.stored_contents(database_url), expected, "read-only, then writable")
+
+
+async def test_ten_sighups_while_draining_neither_stop_nor_disturb_the_daemon(
+    database_url: str, connection: asyncpg.Connection, tmp_path: Path
+) -> None:
+    served = traffic.generate(20_000, seed=31, broadcaster=BROADCASTER, shows=2)
+    expected = chaos.expected_contents(served)
+    async with events.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served) as sim:
+        env = daemon_env(database_url=database_url, events_base_url=sim.base_url, data_dir=tmp_path / "data")
+        async with running_daemon(env, tmp_path / "daemon.log") as child:
+            await child.wait_for_log("polling_started")
+            await wait_for_count(connection, COUNT_EVENTS, at_least=500, within=60, process=child)
+            for count in range(1, 11):
+                child.signal(signal.SIGHUP)
+                await chaos.wait_for_log_event(child, "reloaded", count=count)  # one at a time: none merge
+            after_reloads = int(await connection.fetchval(COUNT_EVENTS))
+            await wait_for_count(
+                connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=120, process=child
+            )
+            child.signal(signal.SIGTERM)
+            assert await child.wait(within=30) == 0
+    reloads = [record for record in chaos.log_records(child) if record.get("event") == "reloaded"]
+    print(
+        f"\n10 SIGHUPs done with {after_reloads} of {len(served)} events stored; "
+        f"{len(reloads)} reloaded lines"
+    )
+    assert after_reloads < len(served), "the SIGHUPs must arrive while the backlog drains"
+    assert len(reloads) == 10
+    chaos.assert_exactly(await chaos.stored_contents(database_url), expected, "10 SIGHUPs mid-drain")
+
+
+POISON = "poison pill"
+
+
+def _with_poison(backlog: list[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`backlog` with one valid chat message saying POISON: before the first event (first of the first page),
+    after the last (last of the last page, a full one with 599 events in pages of 50), or mid-page."""
+    poison = copy.deepcopy(next(event for event in backlog if event["method"] == "chatMessage"))
+    poison["object"]["message"]["message"] = POISON
+    if where == "first":
+        poison["id"] = f"{traffic.DEFAULT_START_MS - 1_000}-0"
+        return [poison, *backlog], poison
+    if where == "last":
+        poison["id"] = f"{(traffic.event_key(backlog[-1]['id']) or (0, 0))[0] + 1_000}-0"
+        return [*backlog, poison], poison
+    index = next(
+        index
+        for index, event in enumerate(backlog)
+        if index > len(backlog) // 2 and index % 50 not in (0, 49) and event["method"] == "chatMessage"
+    )
+    poison["id"] = backlog[index]["id"]
+    return [*backlog[:index], poison, *backlog[index + 1 :]], poison
+
+
+@pytest.mark.parametrize("where", ["middle", "first", "last"])
+async def test_an_event_the_schema_always_refuses_is_quarantined_and_the_rest_stored_once(
+    database_url: str, connection: asyncpg.Connection, tmp_path: Path, where: str
+) -> None:
+    await connection.execute(
+        f"ALTER TABLE interactions ADD CONSTRAINT test_poison CHECK (content <> '{POISON}')"
+    )
+    served, poison = _with_poison(traffic.generate(599, seed=41, broadcaster=BROADCASTER), where)
+    expected = chaos.expected_contents([event for event in served if event is not poison])
+    async with events.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served, page_size=50) as sim:
+        env = daemon_env(database_url=database_url, events_base_url=sim.base_url, data_dir=tmp_path / "data")
+        async with running_daemon(env, tmp_path / "daemon.log") as child:
+            await wait_for_count(
+                connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=60, process=child
+            )
+            await wait_for_count(
+                connection, "SELECT count(*) FROM quarantined_events", at_least=1, within=30, process=child
+            )
+            cursor = await connection.fetchval("SELECT last_event_id FROM ingest_cursor")
+            child.signal(signal.SIGTERM)
+            assert await child.wait(within=30) == 0
+    quarantined = await connection.fetch("SELECT event_id, method, reason FROM quarantined_events")
+    splits = [
+        record for record in chaos.log_records(child) if record.get("event") == "batch_refused_splitting"
+    ]
+    assert [(row["event_id"], row["method"]) for row in quarantined] == [(poison["id"], "chatMessage")]
+    reason = quarantined[0]["reason"]
+    print(f"\npoison {where} ({poison['id']}): {len(splits)} splits, quarantined: {reason.splitlines()[0]}")
+    assert splits, "the poison must be refused within a page of many events"
+    assert reason.startswith("refused by PostgreSQL") and "test_poison" in reason, reason
+    stored = await chaos.stored_contents(database_url)
+    assert poison["id"] not in stored.event_ids
+    assert (
+        stored.event_ids == expected.event_ids
+        and stored.interaction_event_ids == expected.interaction_event_ids
+    )
+    assert cursor == served[-1]["id"], "the read position moves past the end, poison or not"
+
+
+async def test_a_snapshot_task_that_keeps_failing_is_restarted_and_capture_goes_on(
+    database_url: str, connection: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # The Statbate side reads snapshot_misses when it starts, before any request: without the table every
+    # start fails with an error the scheduler does not expect. The event path never reads that table.
+    await connection.execute("ALTER TABLE snapshot_misses RENAME TO snapshot_misses_away")
+    served = traffic.generate(3_000, seed=51, broadcaster=BROADCASTER)
+    expected = chaos.expected_contents(served)
+    failures = "SELECT count(*) FROM api_failures WHERE api = 'snapshot_scheduler'"
+    async with events.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served, page_size=50) as sim:
+        env = daemon_env(
+            database_url=database_url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            MHC_STATBATE_TOKEN="statbatetoken0123456789",
+            MHC_STATBATE_BASE_URL="http://127.0.0.1:9",  # never reached: the start fails first
+        )
+        async with running_daemon(env, tmp_path / "daemon.log") as child:
+            await wait_for_count(connection, failures, at_least=2, within=60, process=child)
+            await wait_for_count(
+                connection, COUNT_EVENTS, at_least=len(expected.event_ids), within=60, process=child
+            )
+            child.signal(signal.SIGTERM)  # while the task waits to restart
+            assert await child.wait(within=15) == 0
+    rows = await connection.fetch(
+        "SELECT operation, error_kind, body_excerpt, occurred_at FROM api_failures"
+        " WHERE api = 'snapshot_scheduler' ORDER BY occurred_at"
+    )
+    restarts = [
+        record for record in chaos.log_records(child) if record.get("event") == "task_failed_restarting"
+    ]
+    print(
+        f"\nsnapshot task failed {len(rows)} times, restarts after {[r['restart_in_s'] for r in restarts]} s"
+    )
+    assert [record["task"] for record in restarts] == ["snapshot_scheduler"] * len(rows)
+    assert [record["restart_in_s"] for record in restarts] == [2.0**n for n in range(1, len(rows) + 1)]
+    assert all(row["error_kind"] == "internal_error" and row["operation"] == "run" for row in rows)
+    assert all("snapshot_misses" in row["body_excerpt"] for row in rows), rows
+    gaps = [
+        (later - earlier).total_seconds()
+        for earlier, later in itertools.pairwise(r["occurred_at"] for r in rows)
+    ]
+    assert all(gap >= 2.0**n * 0.95 for n, gap in enumerate(gaps, start=1)), gaps
+    chaos.assert_exactly(await chaos.stored_contents(database_url), expected, "snapshot task failing")
