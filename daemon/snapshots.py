@@ -262,7 +262,13 @@ class _Scheduler:
         self._broadcaster_person: db.Person | None = None
 
     async def run(self) -> None:
-        await self._load_plan()
+        while not self.stop.is_set():
+            try:
+                await self._load_plan()
+                break
+            except errors.DatabaseUnavailable as error:  # passes; any other storage error is the supervisor's
+                log.warning("snapshot_storage_failed", error=logs.mask(str(error)))
+                await self.sleep(STORAGE_RETRY.total_seconds())
         while not self.stop.is_set():
             try:
                 await self._tick()
