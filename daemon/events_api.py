@@ -337,6 +337,7 @@ class EventsClient:
     # -- failures and waits ----------------------------------------------------------------------------------
 
     async def _failed(self, url: EventsUrl, error: errors.ApiError, attempt: int) -> None:
+        self._state.poll_problem = logs.mask(f"{error.kind}: {error}")
         if isinstance(error, errors.AuthRejected):
             self._state.token_rejected = True
             log.error(

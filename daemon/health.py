@@ -29,7 +29,7 @@ POLL_STALE_FLOOR_S = 10.0
 # How often the background check re-reads the schema state; probes themselves only ping.
 CHECK_INTERVAL_S = 30.0
 RECENT_FAILURES = 10
-CHECKS = ("database", "migrations", "poll_stale", "token_rejected")
+CHECKS = ("database", "migrations", "poll_stale", "poll_failing", "token_rejected")
 # Hosts that mean "every address" when binding; a client must dial loopback instead.
 _WILDCARD_TO_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104  # mapping, not binding
 
@@ -50,6 +50,8 @@ def failing_checks(
         failing.append("migrations")
     if state.last_successful_poll is None or now - state.last_successful_poll > stale_after:
         failing.append("poll_stale")
+    if state.poll_problem is not None:
+        failing.append("poll_failing")  # the latest request failed (an unreadable body, say): retrying
     if state.token_rejected:
         failing.append("token_rejected")
     return failing
@@ -131,6 +133,8 @@ class _Endpoints:
         }
         if self.state.database_problem and ({"database", "migrations"} & set(failing)):
             body["database_problem"] = self.state.database_problem
+        if self.state.poll_problem:
+            body["poll_problem"] = self.state.poll_problem
         return web.json_response(body, status=503 if failing else 200)
 
     async def metrics(self, _request: web.Request) -> web.Response:
@@ -162,6 +166,7 @@ class _Endpoints:
             "database_up": state.database_up,
             "migrations_current": state.migrations_current,
             "database_problem": state.database_problem,
+            "poll_problem": state.poll_problem,
             "counts": {
                 "events_stored": state.events_stored,
                 "duplicates_skipped": state.duplicates_skipped,

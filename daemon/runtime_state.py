@@ -15,6 +15,7 @@ class RuntimeState:
     token_rejected: bool = False
     database_up: bool = False
     database_problem: str | None = None  # why the database is not ready yet (masked), for /readyz and /status
+    poll_problem: str | None = None  # why the latest Events API request failed (masked); None after a success
     migrations_current: bool = False
     last_event_time: float | None = None  # server time of the newest committed event
     live_session_id: str | None = None
@@ -30,4 +31,5 @@ class RuntimeState:
 
     def poll_succeeded(self) -> None:
         self.last_successful_poll = time.time()
+        self.poll_problem = None
         self.poll_progress += 1

@@ -272,3 +272,17 @@ async def test_health_command_exits_1_when_nothing_listens(tmp_path: Path) -> No
     assert code == 1
     assert output.startswith(f"unreachable: http://127.0.0.1:{port}/readyz")
     assert output.count("\n") == 1
+
+
+async def test_readyz_says_why_the_latest_poll_failed_until_one_succeeds(
+    serving: tuple[health.HealthServer, runtime_state.RuntimeState],
+) -> None:
+    server, state = serving
+    state.poll_problem = "bad_body: the body is not JSON"
+    status, _, body = await _get(server.url + "/readyz")
+    answer = json.loads(body)
+    assert (status, answer["failing"]) == (503, ["poll_failing"])
+    assert answer["poll_problem"] == "bad_body: the body is not JSON"
+    state.poll_succeeded()
+    status, _, body = await _get(server.url + "/readyz")
+    assert (status, json.loads(body)["failing"]) == (200, [])
