@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from daemon import ingest
+from daemon import ingest, spool
 from daemon.simulator import events, traffic
 from tests import chaos_support as chaos
 from tests.daemon_process import (
@@ -444,3 +444,80 @@ async def test_a_snapshot_task_that_keeps_failing_is_restarted_and_capture_goes_
     ]
     assert all(gap >= 2.0**n * 0.95 for n, gap in enumerate(gaps, start=1)), gaps
     chaos.assert_exactly(await chaos.stored_contents(database_url), expected, "snapshot task failing")
+
+
+async def test_a_rewritten_token_file_and_sighup_rotate_the_token_without_a_restart(
+    database_url: str, connection: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The file is rewritten and the API accepts both tokens for a while; after SIGHUP every request carries
+    the new one (the old one never again), nothing is lost, and the process is the same."""
+    old, new = "old0token0aaaaaaaaaaaaaaa", "new0token0bbbbbbbbbbbbbbb"
+    generated = traffic.generate(4000, seed=23, broadcaster=BROADCASTER, shows=1)
+    token_file = tmp_path / "token"
+    token_file.write_text(old)
+    async with events.EventsSimulator(
+        username=BROADCASTER, token=old, events=generated[:2000], page_size=100
+    ) as sim:
+        env = daemon_env(
+            database_url=database_url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            MHC_CB_EVENTS_TOKEN_FILE=str(token_file),
+        )
+        del env["MHC_CB_EVENTS_TOKEN"]
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            await wait_for_count(connection, COUNT_EVENTS, at_least=2000, within=60, process=daemon)
+            token_file.write_text(new + "\n")
+            sim.token, sim.retired_tokens = new, {old}
+            rotated_at = sim.request_count
+            daemon.signal(signal.SIGHUP)
+            await daemon.wait_for_log("reloaded")
+            await sim.append(generated[2000:])
+            await wait_for_count(connection, COUNT_EVENTS, at_least=4000, within=60, process=daemon)
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait(within=30) == 0
+    paths = [request.path_qs for request in sim.requests]
+    first_new = next(index for index, path in enumerate(paths) if f"/{new}/" in path)
+    print(f"token rotated at request {rotated_at}; the new token from request {first_new} of {len(paths)}")
+    assert first_new <= rotated_at + 2, "the request after the reload carries the new token"
+    assert all(f"/{new}/" in path for path in paths[first_new:]), "the old token was sent again"
+    assert all(request.status != 401 for request in sim.requests), "no rejection was needed"
+    assert int(await connection.fetchval(COUNT_EVENTS)) == len({event["id"] for event in generated})
+    assert '"tokens_changed": ["cb_events_token"]' in daemon.log_text()
+    assert old not in daemon.log_text() and new not in daemon.log_text()
+
+
+async def test_a_damaged_spool_record_is_set_aside_reported_and_the_rest_drained(
+    database_url: str, connection: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A spool left by an outage, with one record damaged in the middle: the daemon starts, drains the
+    others in order, moves the damaged one aside and records it in api_failures."""
+    generated = traffic.generate(600, seed=29, broadcaster=BROADCASTER, shows=1)
+    pages = [generated[start : start + 100] for start in range(0, 600, 100)]
+    queue = spool.Spool(tmp_path / "data" / "spool", max_bytes=10_000_000)
+    for page in pages:
+        queue.append(spool.SpooledPage(page, page[-1]["id"], dt.datetime.now(dt.UTC)))
+    lines = queue.path.read_bytes().splitlines(keepends=True)
+    damaged = bytearray(lines[2])
+    damaged[len(damaged) // 2] ^= 0x01  # one flipped bit inside the third page's JSON
+    queue.path.write_bytes(b"".join([*lines[:2], bytes(damaged), *lines[3:]]))
+    async with events.EventsSimulator(username=BROADCASTER, token=TOKEN, events=generated) as sim:
+        env = daemon_env(database_url=database_url, events_base_url=sim.base_url, data_dir=tmp_path / "data")
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            await daemon.wait_for_log("spool_drained")
+            rows = await connection.fetch(
+                "SELECT url, body_excerpt FROM api_failures"
+                " WHERE api = 'spool' AND error_kind = 'damaged_record'"
+            )
+            stored = {row[0] for row in await connection.fetch("SELECT event_id FROM events")}
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait(within=30) == 0
+    expected = {event["id"] for index, page in enumerate(pages) if index != 2 for event in page}
+    assert stored == expected, "every page but the damaged one, drained from the spool"
+    assert sim.request_count >= 1 and sim.requests[0].event_id == pages[-1][-1]["id"], "resumes after it"
+    assert len(rows) == 1 and "checksum" in rows[0]["body_excerpt"], rows
+    assert _file_and_mode(Path(rows[0]["url"])) == (bytes(damaged), 0o600)
+
+
+def _file_and_mode(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mode & 0o777

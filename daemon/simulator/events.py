@@ -200,6 +200,8 @@ class EventsSimulator:
     seed: int = 0
     rates: FaultRates = field(default_factory=FaultRates)
     auth_status: int = 401
+    # Tokens still accepted besides `token` (the real API's grace while a rotated-out token is revoked).
+    retired_tokens: set[str] = field(default_factory=set)
     empty_status: int = 200
     hang_seconds: float = 300.0
     foreign_base: str = FOREIGN_BASE
@@ -393,7 +395,10 @@ class EventsSimulator:
         )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        if request.match_info["username"] != self.username or request.match_info["token"] != self.token:
+        token = request.match_info["token"]
+        if request.match_info["username"] != self.username or (
+            token != self.token and token not in self.retired_tokens
+        ):
             self._record(request, self.auth_status, None)
             return _json({"status": "unauthorized"}, self.auth_status)
         fault = self._next_fault()
