@@ -327,14 +327,15 @@ class Supervisor:
                 )
             )
         while self._unrecorded:
-            failure = self._unrecorded[0]
+            # Taken before the insert: the writer and the clients may flush at the same time.
+            failure = self._unrecorded.popleft()
             try:
                 await db.record_api_failure(pool, failure)
             except errors.StorageError as error:
                 # The failure is already in the log line the client wrote; the row follows when it can.
+                self._unrecorded.appendleft(failure)
                 log.warning("api_failure_recorded_later", waiting=len(self._unrecorded), error=str(error))
                 return
-            self._unrecorded.popleft()
 
     async def _poll(
         self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[ParsedPage]
