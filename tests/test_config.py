@@ -30,6 +30,18 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _daemon(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for key in list(os.environ):
         if key.startswith("MHC_"):
@@ -68,15 +80,7 @@ def test_bad_value_is_one_clear_error(
 @pytest.mark.parametrize(("variable", "value", "message"), BAD_VALUES[:3])
 def test_bad_value_exits_78_with_one_line(tmp_path: Path, variable: str, value: str, message: str) -> None:
     env = _clean_env(tmp_path) | {variable: value}
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "migrate", "status"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _daemon(["migrate", "status"], env, tmp_path)
     assert result.returncode == errors.EX_CONFIG
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -128,15 +132,7 @@ def test_a_token_file_problem_exits_78_with_one_line(tmp_path: Path, problem: st
     if problem == "both":
         (tmp_path / "missing-token").write_text("tok-from-file-tok")
         env["MHC_CB_EVENTS_TOKEN"] = "tok-from-variable-tok"
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "run"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _daemon(["run"], env, tmp_path)
     assert result.returncode == errors.EX_CONFIG, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MHC_CB_EVENTS_TOKEN" in lines[0], result.stderr
