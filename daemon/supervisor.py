@@ -1,9 +1,15 @@
 """The supervisor: one owner for every long-lived task of `mhc-daemon run`.
 
-Resources open in dependency order (database → pool → HTTP session → health server) and close in reverse.
-The poller fetches pages and hands them to the writer through a small bounded queue, so the next long-poll is
-under way while the current page is written. The read position only moves when a page is committed, so a
-crash at any instant re-reads, and the writer's idempotency turns re-reads into "duplicates skipped".
+Resources open in dependency order (database → pool → HTTP session → health server) and close in reverse;
+none of them needs PostgreSQL to answer: migrations wait for it in their own task while the poller fetches
+into the disk spool. The poller fetches pages and hands them to the writer through a small bounded queue, so
+the next long-poll is under way while the current page is written. The read position only moves when a page
+is committed, so a crash at any instant re-reads, and the writer's idempotency turns re-reads into
+"duplicates skipped".
+
+The rule of failure: the event path (database preparation, poller, writer, watchdog) handles every error its
+inputs can cause and ends the daemon only through a bug; every other task is isolated, its failures recorded
+and the task restarted, so nothing on the snapshot or reporting side can stop event capture.
 """
 
 from __future__ import annotations
