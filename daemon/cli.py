@@ -106,12 +106,17 @@ async def _replay(settings: config.Settings, args: argparse.Namespace) -> int:
 
 
 def _response_events(line: str) -> list[Any] | None:
-    """The `events` array of one recorded response body, or None when the line is not one."""
+    """The `events` array of one recorded response body, or None when the line is not one. The API's 400
+    continuation (`{"status": ..., "nextUrl": ...}`, no events) is an empty page, as the poller reads it."""
     try:
         body = json.loads(line)
     except ValueError:
         return None
-    events = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(body, dict):
+        return None
+    events = body.get("events")
+    if events is None and isinstance(body.get("nextUrl"), str):
+        return []
     return events if isinstance(events, list) else None
 
 

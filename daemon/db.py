@@ -342,6 +342,7 @@ async def _find_or_create_many(
             touch[target] = _Sighting(sighting.role, sighting.first, sighting.last)
         else:
             merged.role = widen_role(merged.role, sighting.role)
+            merged.first = min(merged.first, sighting.first)
             merged.last = max(merged.last, sighting.last)
     people: dict[str, Person] = {}
     if touch:
@@ -352,6 +353,7 @@ async def _find_or_create_many(
             list(touch),
             [s.last for s in touch.values()],
             [s.role for s in touch.values()],
+            [s.first for s in touch.values()],
         )
         for row in touched:
             for name in names_of[row["id"]]:

@@ -299,18 +299,25 @@ def _tip(payload: dict[str, Any], metadata: dict[str, Any]) -> tuple[str, str]:
     return name, note if note.strip() else f"tipped {tokens} tokens"
 
 
+EMPTY_MESSAGE = "sent an empty message"
+
+
 def _text(payload: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The message object and its text; an empty text is a real message the API sends, so it is stored with
+    content saying so. Only a message with no text field at all is malformed."""
     message = payload.get("message")
     if not isinstance(message, dict):
         message = {}
     text = message.get("message")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
         raise _Unmappable("message without text")
-    return message, text
+    return message, text if text.strip() else EMPTY_MESSAGE
 
 
-def _private(payload: dict[str, Any], metadata: dict[str, Any], room: str) -> tuple[str, str, str]:
-    """(counterpart, type, text): the party who is not the broadcaster, whichever way the message went."""
+def _private(payload: dict[str, Any], metadata: dict[str, Any], owner: str) -> tuple[str, str, str]:
+    """(counterpart, type, text): the party who is not the owner of the feed (the configured room), whichever
+    way the message went and in whichever room it was sent. A direct message (empty `broadcaster`) keeps
+    that empty value in its metadata: it was sent in no room."""
     message, text = _text(payload)
     metadata["user"] = _flags(payload)
     sender, recipient = message.get("fromUser"), message.get("toUser")
@@ -318,7 +325,7 @@ def _private(payload: dict[str, Any], metadata: dict[str, Any], room: str) -> tu
     metadata["toUser"] = recipient if isinstance(recipient, str) else None
     party: Any = None
     for candidate in (sender, recipient):
-        if isinstance(candidate, str) and normalize_name(candidate) not in ("", room):
+        if isinstance(candidate, str) and normalize_name(candidate) not in ("", owner):
             party = candidate
             break
     if party is None:
@@ -326,6 +333,8 @@ def _private(payload: dict[str, Any], metadata: dict[str, Any], room: str) -> tu
         party = user.get("username") if isinstance(user, dict) else None
     name = _name(party, "private message")
     empty_room = not isinstance(payload.get("broadcaster"), str) or not payload["broadcaster"].strip()
+    if empty_room:
+        metadata["broadcaster"] = ""
     return name, "DIRECT_MESSAGE" if empty_room else "PRIVATE_MESSAGE", text
 
 
@@ -346,9 +355,10 @@ def _media(payload: dict[str, Any], metadata: dict[str, Any]) -> tuple[str, str]
 
 
 def _map(
-    method: str, payload: dict[str, Any], metadata: dict[str, Any], broadcaster: str
+    method: str, payload: dict[str, Any], metadata: dict[str, Any], broadcaster: str, owner: str
 ) -> tuple[str, str, str]:
-    """(username, type, content) of a known method's event; `metadata` gains the method's fields."""
+    """(username, type, content) of a known method's event; `metadata` gains the method's fields.
+    `broadcaster` is the event's room, `owner` the configured one whose feed this is."""
     simple = _USER_METHODS.get(method)
     if simple is not None:
         name, metadata["user"] = _user(payload)
@@ -360,7 +370,7 @@ def _map(
         name, content = _tip(payload, metadata)
         return name, "TIP_EVENT", content
     if method == "privateMessage":
-        return _private(payload, metadata, broadcaster)
+        return _private(payload, metadata, owner or broadcaster)
     if method == "mediaPurchase":
         name, content = _media(payload, metadata)
         return name, "MEDIA_PURCHASE", content
@@ -424,7 +434,7 @@ def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> 
         out.unknown += 1
         return
     metadata: dict[str, Any] = {"event_id": event_id, "broadcaster": broadcaster, "method": method}
-    username, kind, content = _map(method, payload, metadata, broadcaster)
+    username, kind, content = _map(method, payload, metadata, broadcaster, configured)
     role = "MODEL" if username == broadcaster else "VIEWER"
     out.events.append(StoredEvent(event_id, method, broadcaster, at, item, raw_json))
     # Built from values `raw_json` already proved storable: no checks, only the encoding.

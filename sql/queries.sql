@@ -67,9 +67,11 @@ FROM person_aliases a
 WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL;
 
 -- name: touch_persons
--- Person bookkeeping for persons found by alias: last_seen_at only moves forward, roles widen
--- (VIEWER + MODEL = BOTH). The same rule as upsert_persons and db.widen_role.
+-- Person bookkeeping for persons found by alias: last_seen_at only moves forward and first_seen_at only
+-- back (an old recording replayed), roles widen (VIEWER + MODEL = BOTH). The same rule as upsert_persons and
+-- db.widen_role.
 UPDATE persons AS p SET
+  first_seen_at = LEAST(p.first_seen_at, t.first_seen),
   last_seen_at = GREATEST(p.last_seen_at, t.seen),
   role = CASE
     WHEN p.role = t.role OR t.role = 'UNKNOWN' THEN p.role
@@ -77,16 +79,17 @@ UPDATE persons AS p SET
     ELSE 'BOTH'
   END,
   updated_at = CASE
-    WHEN t.seen > p.last_seen_at OR p.role IS DISTINCT FROM t.role THEN NOW()
+    WHEN t.seen > p.last_seen_at OR t.first_seen < p.first_seen_at OR p.role IS DISTINCT FROM t.role
+    THEN NOW()
     ELSE p.updated_at
   END
-FROM unnest($1::uuid[], $2::timestamp[], $3::text[]) AS t(id, seen, role)
+FROM unnest($1::uuid[], $2::timestamp[], $3::text[], $4::timestamp[]) AS t(id, seen, role, first_seen)
 WHERE p.id = t.id
 RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at, p.is_excluded;
 
 -- name: upsert_persons
--- Creates each named person, or moves last_seen_at forward and widens the role (VIEWER + MODEL = BOTH, as
--- db.widen_role). A person created under an excluded name ($6) starts excluded and joins the Excluded
+-- Creates each named person, or moves last_seen_at forward, first_seen_at back (older events that arrive
+-- later) and widens the role (VIEWER + MODEL = BOTH, as db.widen_role). A person created under an excluded name ($6) starts excluded and joins the Excluded
 -- watchlist ($7). $5 is the platform.
 WITH upserted AS (
   INSERT INTO persons AS p (username, platform, role, first_seen_at, last_seen_at, is_excluded)
@@ -94,6 +97,7 @@ WITH upserted AS (
   FROM unnest($1::text[], $2::text[], $3::timestamp[], $4::timestamp[]) AS u(name, role, first_seen, last_seen)
   ORDER BY u.name
   ON CONFLICT (username, platform) DO UPDATE SET
+    first_seen_at = LEAST(p.first_seen_at, EXCLUDED.first_seen_at),
     last_seen_at = GREATEST(p.last_seen_at, EXCLUDED.last_seen_at),
     role = CASE
       WHEN p.role = EXCLUDED.role OR EXCLUDED.role = 'UNKNOWN' THEN p.role
@@ -101,7 +105,8 @@ WITH upserted AS (
       ELSE 'BOTH'
     END,
     updated_at = CASE
-      WHEN EXCLUDED.last_seen_at > p.last_seen_at OR p.role IS DISTINCT FROM EXCLUDED.role THEN NOW()
+      WHEN EXCLUDED.last_seen_at > p.last_seen_at OR EXCLUDED.first_seen_at < p.first_seen_at
+        OR p.role IS DISTINCT FROM EXCLUDED.role THEN NOW()
       ELSE p.updated_at
     END
   RETURNING p.id, p.username, p.platform, p.role, p.rid, p.did, p.first_seen_at, p.last_seen_at,

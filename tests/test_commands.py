@@ -52,12 +52,16 @@ async def test_replay_is_idempotent_and_leaves_the_cursor_alone(tmp_path: Path, 
         shared_path("fixtures", "testbed-response-nexturl-null.json").read_text(),
     ]
     recording = tmp_path / "responses.jsonl"
-    recording.write_text("\n".join(json.dumps(json.loads(body)) for body in bodies) + "\nnot json\n")
+    # The API's 400 continuation (no events) is an empty page to replay, as it is to the poller.
+    continuation = json.dumps({"status": "waited too long", "nextUrl": "https://x.test/events/u/t/?i=1"})
+    recording.write_text(
+        "\n".join(json.dumps(json.loads(body)) for body in [*bodies, continuation]) + "\nnot json\n"
+    )
     env = _env(tmp_path, MHC_DATABASE_URL=database_url, MHC_CB_USERNAME="mrslaw")
 
     first = _run(["replay", str(recording)], env, tmp_path)
     assert first.returncode == 1, first.stderr  # the unreadable line is reported, not skipped silently
-    assert "3 responses: 9 events stored, 0 already stored, 0 quarantined, 1 unreadable lines" in first.stdout
+    assert "4 responses: 9 events stored, 0 already stored, 0 quarantined, 1 unreadable lines" in first.stdout
     assert "replay_line_unreadable" in first.stderr
 
     second = _run(["replay", str(recording)], env, tmp_path)

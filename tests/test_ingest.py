@@ -97,6 +97,39 @@ def test_private_message_is_attributed_to_the_other_party_whichever_way_it_went(
     )
 
 
+def test_private_messages_in_another_room_and_direct_messages_keep_their_facts() -> None:
+    """Issue 10: the person is whichever party is not the owner of the feed (the configured room), even in
+    another broadcaster's room; a direct message keeps its empty broadcaster in the metadata."""
+
+    def private(offset: int, sender: str, recipient: str, room: str) -> dict[str, Any]:
+        message = {"message": "psst", "fromUser": sender, "toUser": recipient}
+        item = sample.envelope("privateMessage", offset, {"message": message, "user": sample.user(sender)})
+        item["object"]["broadcaster"] = room
+        return item
+
+    batch = sample.page(
+        [
+            private(1, sample.ROOM, "other_cam", room="other_cam"),  # the owner writes in other_cam's room
+            private(2, "other_cam", sample.ROOM, room="other_cam"),  # and other_cam answers
+            private(3, "dave", sample.ROOM, room=""),
+        ]
+    )
+    rows = [(row.username, row.role, row.type, row.metadata["broadcaster"]) for row in batch.interactions]
+    assert rows == [
+        ("other_cam", "MODEL", "PRIVATE_MESSAGE", "other_cam"),
+        ("other_cam", "MODEL", "PRIVATE_MESSAGE", "other_cam"),
+        ("dave", "VIEWER", "DIRECT_MESSAGE", ""),
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_an_empty_chat_message_is_stored_saying_it_was_empty(text: str) -> None:
+    batch = sample.page([sample.chat(1, "Bob42", text=text)])
+    assert batch.quarantined == []
+    (row,) = batch.interactions
+    assert (row.username, row.type, row.content) == ("bob42", "CHAT_MESSAGE", ingest.EMPTY_MESSAGE)
+
+
 def test_tip_note_prefix_removed_and_anonymous_tipper_kept() -> None:
     batch = sample.page(
         [
@@ -202,7 +235,6 @@ MALFORMED: list[tuple[str, Any, str]] = [
         _with(sample.chat(1, "x"), ("object", "message", "message"), ...),
         "without text",
     ),
-    ("message of blanks", sample.chat(1, "x", text="   "), "without text"),
     ("user without username", _with(sample.chat(1, "x"), ("object", "user", "username"), ...), "username"),
     ("user absent", _with(sample.plain("follow", 1, "x"), ("object", "user"), ...), "username"),
     ("NUL in the text", sample.chat(1, "x", text="a\x00b"), "NUL"),

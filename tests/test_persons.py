@@ -11,13 +11,14 @@ from daemon import db
 T0 = dt.datetime(2025, 8, 16, 20, 0, 0)
 
 
-async def test_creates_once_and_moves_last_seen_forward_only(pool: asyncpg.Pool) -> None:
+async def test_creates_once_last_seen_moves_forward_first_seen_back(pool: asyncpg.Pool) -> None:
+    """Issue 10: an older sighting arriving later (a replayed recording) moves first_seen_at back."""
     first = await db.find_or_create_person(pool, "Bob42", seen_at=T0)
     assert (first.username, first.role, first.is_excluded) == ("bob42", "VIEWER", False)
     later = await db.find_or_create_person(pool, "bob42", seen_at=T0 + dt.timedelta(hours=1))
     earlier = await db.find_or_create_person(pool, "bob42", seen_at=T0 - dt.timedelta(hours=5))
     assert later.id == first.id == earlier.id
-    assert earlier.first_seen_at == T0
+    assert earlier.first_seen_at == T0 - dt.timedelta(hours=5)
     assert earlier.last_seen_at == T0 + dt.timedelta(hours=1)
     assert await pool.fetchval("SELECT count(*) FROM persons") == 1
 

@@ -341,12 +341,13 @@ async def test_a_failure_mid_transaction_stores_nothing_and_keeps_the_cursor(poo
     assert await db.load_cursor(pool, sample.ROOM) == db.Cursor(sample.ROOM, sample.event_id(13), TIMEOUT)
 
 
-async def test_last_seen_only_moves_forward_across_batches(pool: asyncpg.Pool) -> None:
+async def test_last_seen_moves_forward_and_first_seen_back_across_batches(pool: asyncpg.Pool) -> None:
+    """Issue 10: an older event arriving later moves first_seen_at back; last_seen_at stays the newest."""
     await _write(pool, sample.page([sample.chat(5_000, "Bob"), sample.chat(9_000, "bob")]))
     await _write(pool, sample.page([sample.chat(1_000, "BOB")]))
     person = await db.find_person(pool, "bob")
     assert person is not None
-    assert (person.first_seen_at, person.last_seen_at) == (sample.at(5_000), sample.at(9_000))
+    assert (person.first_seen_at, person.last_seen_at) == (sample.at(1_000), sample.at(9_000))
     assert await _count(pool, "persons") == 1
 
 
