@@ -31,7 +31,7 @@ test: lint types
 test-storage: $(STAMP)
 	$(BIN)/pytest -m "storage and not chaos" $(PYTEST_ARGS)
 
-## make chaos: kill -9 while draining, real PostgreSQL stops, an API fault storm; prints exact counts (~8 min)
+## make chaos: kill -9 while draining, real PostgreSQL stops, an API fault storm, hostile answers; prints exact counts (~9 min)
 chaos: $(STAMP)
 	$(BIN)/pytest -s -m chaos $(PYTEST_ARGS)
 

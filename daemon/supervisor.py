@@ -106,6 +106,9 @@ class Supervisor:
     _unrecorded: collections.deque[errors.ApiFailure] = field(
         init=False, default_factory=lambda: collections.deque(maxlen=UNRECORDED_FAILURES_MAX)
     )
+    # The poller, the writer and the snapshot task all write those rows: one at a time, so none is written
+    # twice and none is popped by a task that did not write it.
+    _recording: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
     # spool first, so the spool always begins at or before the committed cursor and a crash loses none.
     _in_memory: collections.deque[ParsedPage] = field(init=False, default_factory=collections.deque)
@@ -320,28 +323,30 @@ class Supervisor:
     async def _record_failures(self, pool: db.Pool) -> None:
         """Write the failure rows that wait in memory, oldest first; those the database refuses wait on.
         Damaged spool records set aside meanwhile are among them."""
-        for damaged in self.disk_spool.take_damaged():
-            self.state.failures += 1
-            self._unrecorded.append(
-                errors.ApiFailure(
-                    api="spool",
-                    operation="drain",
-                    url=str(damaged.path or self.disk_spool.path),
-                    error_kind="damaged_record",
-                    body_excerpt=f"offset {damaged.offset}, {damaged.length} bytes: {damaged.reason}",
-                    occurred_at=damaged.found_at,
+        async with self._recording:
+            for damaged in self.disk_spool.take_damaged():
+                self.state.failures += 1
+                self._unrecorded.append(
+                    errors.ApiFailure(
+                        api="spool",
+                        operation="drain",
+                        url=str(damaged.path or self.disk_spool.path),
+                        error_kind="damaged_record",
+                        body_excerpt=f"offset {damaged.offset}, {damaged.length} bytes: {damaged.reason}",
+                        occurred_at=damaged.found_at,
+                    )
                 )
-            )
-        while self._unrecorded:
-            # Taken before the insert: the writer and the clients may flush at the same time.
-            failure = self._unrecorded.popleft()
-            try:
-                await db.record_api_failure(pool, failure)
-            except errors.StorageError as error:
-                # The failure is already in the log line the client wrote; the row follows when it can.
-                self._unrecorded.appendleft(failure)
-                log.warning("api_failure_recorded_later", waiting=len(self._unrecorded), error=str(error))
-                return
+            while self._unrecorded:
+                # Taken off before the insert: a failure appended meanwhile to a full queue cannot push out
+                # the row being written.
+                failure = self._unrecorded.popleft()
+                try:
+                    await db.record_api_failure(pool, failure)
+                except errors.StorageError as error:
+                    # The failure is already in the log line the client wrote; the row follows when it can.
+                    self._unrecorded.appendleft(failure)
+                    log.warning("api_failure_recorded_later", waiting=len(self._unrecorded), error=str(error))
+                    return
 
     async def _poll(
         self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[ParsedPage]

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from daemon import ingest
+from daemon import api_http, ingest
 from daemon.simulator import events as simulator
 from tests.daemon_process import BROADCASTER, DaemonProcess
 
@@ -31,7 +31,18 @@ FAILURE_KIND_OF_FAULT = {
     "hang": "timeout",
     "truncated": "bad_body",
     "foreign_next_url": "foreign_next_url",
+    # The hostile answers (http_faults.HOSTILE): an unreadable body, a broken transport, a redirect.
+    "nesting_bomb": "bad_body",
+    "gzip_bomb": "bad_body",
+    "over_cap": "bad_body",
+    "invalid_utf8": "bad_body",
+    "unknown_encoding": "bad_body",
+    "truncated_http": "connection",
+    "malformed_http": "connection",
+    "redirect_loop": "http_4xx",
 }
+# The README's bound on the daemon's peak resident memory (its performance table).
+MEMORY_BOUND_MIB = 150
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,16 @@ class Contents:
             f"{len(self.event_ids)} events, {len(self.interaction_event_ids)} interactions, "
             f"{len(self.quarantined)} quarantined"
         )
+
+
+def decoded(served: list[dict[str, Any]]) -> list[Any]:
+    """What the daemon reads of `served`: each `RawEvent` decoded from its text as every API body is."""
+    return [
+        api_http.decode_json(api_http.Response(200, None, event.text.encode()))[0]
+        if isinstance(event, simulator.RawEvent)
+        else event
+        for event in served
+    ]
 
 
 def expected_contents(delivered: list[dict[str, Any]]) -> Contents:
@@ -219,10 +240,13 @@ def failures_expected_from(requests: list[simulator.RecordedRequest]) -> Counter
     )
 
 
-async def failures_stored(url: str) -> Counter[str]:
+async def failures_stored(url: str, api: str | None = None) -> Counter[str]:
+    """api_failures rows by error_kind, of one API or (None) all."""
     connection = await asyncpg.connect(url)
     try:
-        rows = await connection.fetch("SELECT error_kind, count(*) FROM api_failures GROUP BY error_kind")
+        rows = await connection.fetch(
+            "SELECT error_kind, count(*) FROM api_failures WHERE $1::text IS NULL OR api = $1 GROUP BY 1", api
+        )
     finally:
         await connection.close()
     return Counter({row[0]: int(row[1]) for row in rows})

@@ -63,6 +63,13 @@ class DaemonProcess:
     async def wait(self, within: float) -> int:
         return await asyncio.wait_for(self.process.wait(), timeout=within)
 
+    def peak_rss_mib(self) -> float:
+        """The kernel's high-water mark of the child's resident memory (`VmHWM`), in MiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM in /proc/<pid>/status")
+
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import asyncpg
 
-from daemon import db, errors
+from daemon import config, db, errors, supervisor
 
 TOKEN = "q1w2e3r4t5y6u7i8o9p0asdf"
 
@@ -39,3 +42,17 @@ async def test_failure_rows_are_masked(pool: asyncpg.Pool) -> None:
     assert (events.http_status, events.attempt, events.error_kind) == (502, 3, "http_5xx")
     dump = await pool.fetchval("SELECT string_agg(t::text, ' ') FROM api_failures t")
     assert TOKEN not in dump
+
+
+async def test_failures_of_tasks_recording_at_once_are_each_written_once(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """The poller, the writer and the snapshot task record failures; two at once once crashed the poller."""
+    daemon = supervisor.Supervisor(config.load(data_dir=tmp_path, cb_username="alice"))
+    daemon.database_ready.set()
+    record = daemon._failure_recorder(pool)
+    apis = ["cb_events", "cb_stats", "statbate"]
+    await asyncio.gather(
+        *(record(errors.ApiFailure(api=api, operation="x", url="-", error_kind="bad_body")) for api in apis)
+    )
+    assert sorted(await pool.fetchval("SELECT array_agg(api) FROM api_failures")) == apis

@@ -7,8 +7,11 @@ that was served, and prints its counts (visible with `pytest -s`). Excluded from
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import json
+import operator
 import random
 import signal
 import tempfile
@@ -25,7 +28,7 @@ from aiohttp import web
 
 from daemon import logs, migrations
 from daemon.simulator import events as simulator
-from daemon.simulator import traffic
+from daemon.simulator import http_faults, statbate, stats, traffic
 from tests import chaos_support as chaos
 from tests.daemon_process import BROADCASTER, TOKEN, daemon_env, running_daemon, wait_for_count
 from tests.stoppable_postgres import StoppablePostgres, stoppable_postgres
@@ -194,12 +197,15 @@ async def _outage(
                 await asyncio.sleep(0.1)
             else:
                 raise AssertionError("the spool was not drained within 60 s of the last event")
+            peak_mib = daemon.peak_rss_mib()
             await _stop_cleanly(daemon)
             records = chaos.log_records(daemon)
     print(
         f"[{label}] {before} events stored before the stop; {outage:.0f} s outage; {probes} probes, "
-        f"{ready_probes} ready; spool peak {status_peak} bytes; ready {ready_after:.1f} s after the start"
+        f"{ready_probes} ready; spool peak {status_peak} bytes; ready {ready_after:.1f} s after the start; "
+        f"peak RSS {peak_mib:.0f} MiB"
     )
+    assert peak_mib <= chaos.MEMORY_BOUND_MIB, f"peak RSS {peak_mib:.0f} MiB while spooling an outage"
     assert ready_probes == 0, "readiness must be false while the database is down"
     assert gauge_peak > 0 and status_peak > 0, "no spool depth in /metrics and /status during the outage"
     if ready_within is not None:
@@ -475,6 +481,146 @@ async def test_an_api_fault_storm_over_50k_events(postgres: StoppablePostgres, t
     assert faults["foreign_next_url"] > 0 and trap.requests == [], "a foreign nextUrl was requested"
     assert listening and all(ipaddress.ip_address(host).is_loopback for host in listening), listening
     await _assert_token_nowhere(url, log_text, endpoints)
+
+
+# -- hostile servers -----------------------------------------------------------------------------------------
+
+STATBATE_TOKEN = "statbatetoken0123456789"
+STATS_TOKEN = "statstoken0123456789abcd"
+_HOLE = "<raw JSON here>"
+
+
+def _served_as(event: dict[str, Any], where: tuple[str, ...], raw: str) -> simulator.RawEvent:
+    """`event` served with the JSON text `raw` as its value at the key path `where`."""
+    copy = json.loads(json.dumps(event))
+    *parents, key = where
+    functools.reduce(operator.getitem, parents, copy)[key] = _HOLE
+    return simulator.RawEvent(event["id"], json.dumps(copy).replace(json.dumps(_HOLE), raw))
+
+
+def _backlog_with_hostile_events(total: int) -> list[dict[str, Any]]:
+    """Realistic traffic in which one chat message nests 1,000 levels deep and one tip has 5,000 digits."""
+    served = traffic.generate(total, seed=97, broadcaster=BROADCASTER, shows=2)
+    chat = next(i for i in range(total // 3, total) if served[i]["method"] == "chatMessage")
+    tip = next(i for i in range(2 * total // 3, total) if served[i]["method"] == "tip")
+    # The envelope and its object are two levels; 998 arrays make the event 1,000 deep.
+    served[chat] = _served_as(served[chat], ("object", "extra"), "[" * 998 + "]" * 998)
+    served[tip] = _served_as(served[tip], ("object", "tip", "tokens"), "9" * 5000)
+    return served
+
+
+async def _one_fault_every(
+    sim: simulator.EventsSimulator, faults: list[simulator.Fault], requests: int, daemon: Any
+) -> None:
+    """Schedule `faults` one at a time, `requests` requests apart, so valid pages come in between."""
+    for fault in faults:
+        target = sim.request_count + requests
+        while sim.request_count < target:
+            assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+            await asyncio.sleep(0.01)
+        sim.schedule(fault)
+
+
+async def _poll_problems(base: str, seen: set[str]) -> None:
+    """Probe /readyz until cancelled, keeping each `poll_problem` it reports while `poll_failing`."""
+    async with aiohttp.ClientSession() as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):  # a daemon that died fails the test elsewhere
+                async with http.get(f"{base}/readyz") as response:
+                    body = await response.json()
+                if "poll_failing" in body["failing"]:
+                    seen.add(body["poll_problem"])
+            await asyncio.sleep(0.2)
+
+
+async def _served_with(
+    recorder: http_faults.Recorder, fault: str, daemon: Any
+) -> http_faults.RecordedRequest:
+    """The first request a snapshot simulator answered with `fault`, once it has come (within 150 s)."""
+    for _ in range(1500):
+        assert daemon.process.returncode is None, daemon.log_text()[-3000:]
+        served = [request for request in recorder.requests if request.fault == fault]
+        if served:
+            return served[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no request was answered with {fault}")
+
+
+@pytest.mark.timeout(400)
+async def test_hostile_servers_are_recorded_failures_and_the_daemon_never_exits(
+    postgres: StoppablePostgres, tmp_path: Path
+) -> None:
+    served = _backlog_with_hostile_events(15_000)
+    expected = chaos.expected_contents(chaos.decoded(served))
+    url = await _migrated_database(postgres)
+    async with (
+        simulator.EventsSimulator(username=BROADCASTER, token=TOKEN, events=served) as sim,
+        statbate.StatbateSimulator(token=STATBATE_TOKEN, auto_members=True) as statbate_sim,
+        stats.StatsSimulator(username=BROADCASTER, token=STATS_TOKEN) as stats_sim,
+    ):
+        # Stats retries the two transient answers, then takes its snapshot; a redirect ends the model lookup;
+        # the member batch meets a broken transport, a bomb, then dids of 400 digits.
+        for kind in ("malformed_http", "gzip_bomb"):
+            stats_sim.faults.add(kind)
+        statbate_sim.faults.add("redirect_loop", path_contains="/model/")
+        for kind in ("malformed_http", "gzip_bomb", "absurd_integers"):
+            statbate_sim.faults.add(kind, path_contains="/batch")
+        env = daemon_env(
+            database_url=url,
+            events_base_url=sim.base_url,
+            data_dir=tmp_path / "data",
+            MHC_LOG_LEVEL="info",
+            MHC_STATBATE_TOKEN=STATBATE_TOKEN,
+            MHC_STATBATE_BASE_URL=statbate_sim.base_url,
+            MHC_CB_STATS_TOKEN=STATS_TOKEN,
+            MHC_CB_STATS_URL=stats_sim.base_url,
+        )
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            problems: set[str] = set()
+            probing = asyncio.create_task(_poll_problems(await chaos.health_url(daemon), problems))
+            hostile = [simulator.Fault.hostile(kind) for kind in http_faults.HOSTILE]
+            await _one_fault_every(sim, hostile, 10, daemon)
+            absurd = await _served_with(statbate_sim.recorder, "absurd_integers", daemon)
+            connection = await asyncpg.connect(url)
+            try:
+                for query, count in (
+                    (COUNT_EVENTS, len(expected.event_ids)),
+                    ("SELECT count(*) FROM snapshots WHERE source = 'cb_stats'", 1),
+                    (
+                        "SELECT count(*) FROM snapshot_misses WHERE source = 'statbate_member'",
+                        len(absurd.names),
+                    ),
+                ):
+                    await wait_for_count(connection, query, at_least=count, within=240, process=daemon)
+                stats_after_failures = await connection.fetchval(
+                    "SELECT count(*) FROM snapshots WHERE source = 'cb_stats' AND captured_at >"
+                    " (SELECT max(occurred_at) FROM api_failures WHERE api = 'cb_stats')"
+                )
+            finally:
+                await connection.close()
+            probing.cancel()
+            assert daemon.process.returncode is None, "the daemon exited before SIGTERM"
+            peak_mib = daemon.peak_rss_mib()
+            await _stop_cleanly(daemon)
+            records = chaos.log_records(daemon)
+    faults = Counter(request.fault for request in sim.requests if request.fault)
+    failures = {api: await chaos.failures_stored(url, api) for api in ("cb_events", "cb_stats", "statbate")}
+    print(
+        f"[hostile servers] {len(sim.requests)} Events requests, hostile {dict(faults)}; "
+        f"api_failures {failures}; {len(absurd.names)} dids of 400 digits; peak RSS {peak_mib:.0f} MiB; "
+        f"/readyz said {sorted(problems)}"
+    )
+    assert faults == Counter(http_faults.HOSTILE)
+    assert [record.get("event") for record in records].count("polling_started") == 1  # one process, one run
+    assert not [record for record in records if record.get("event") == "task_failed_restarting"]
+    chaos.assert_exactly(await chaos.stored_contents(url), expected, "hostile servers, 15k events")
+    assert expected.quarantined == {event["id"] for event in served if isinstance(event, simulator.RawEvent)}
+    assert failures["cb_events"] == chaos.failures_expected_from(sim.requests)
+    assert failures["cb_stats"] == Counter(connection=1, bad_body=1) and stats_after_failures >= 1
+    assert failures["statbate"] == Counter(http_4xx=1, connection=1, bad_body=1, not_found=len(absurd.names))
+    assert await chaos.failures_stored(url) == sum(failures.values(), Counter())  # no other API's rows
+    assert peak_mib <= chaos.MEMORY_BOUND_MIB
+    assert problems, "/readyz never said poll_failing while a hostile answer was retried"
 
 
 @pytest.mark.timeout(300)

@@ -4,7 +4,7 @@ It serves a list of envelopes either all at once (a backlog) or paced at R event
 `timeout` seconds when nothing is new, answers with `nextUrl` pointing after the last event returned, and
 injects faults on request, deterministically: an explicit schedule for the next requests, or seeded
 probabilities. Every request is recorded (path and query, status, fault) so tests can prove what was, and was
-not, asked for.
+not, asked for. A `RawEvent` in the stream is served as its own JSON text, for events no encoder here writes.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ _CLOUDFLARE_PAGE = (
     "<body><h1>Error {status}</h1><p>The origin web server did not answer as expected.</p>"
     "<p>Cloudflare Ray ID: 8f00000000000000</p></body></html>"
 )
+
+
+class RawEvent(dict[str, Any]):
+    """An envelope served as exactly `text`: JSON the standard library will not write (nesting past its
+    recursion limit, an integer over Python's 4,300 digits). As a dict it holds only the id that places it."""
+
+    def __init__(self, event_id: str, text: str) -> None:
+        super().__init__(id=event_id)
+        self.text = text
 
 
 @dataclass(frozen=True)
@@ -424,7 +433,7 @@ class EventsSimulator:
             self._apply_page_fault(fault, body, last_cursor, start + len(page) - 1, timeout)
         self._record(request, status, fault)
         if fault is not None and fault.kind == "truncated":
-            encoded = json.dumps(body).encode()
+            encoded = _encode(body).encode()
             return web.Response(body=encoded[: len(encoded) // 2], content_type="application/json")
         return _json(body, status)
 
@@ -524,9 +533,19 @@ def _timeout_of(request: web.Request) -> int:
     return max(0, min(MAX_TIMEOUT, value))
 
 
+def _encode(body: dict[str, Any]) -> str:
+    """`body` as JSON text, each `RawEvent` in its events written as its own text."""
+    events = body.get("events")
+    if not isinstance(events, list) or not any(isinstance(event, RawEvent) for event in events):
+        return json.dumps(body)
+    items = [event.text if isinstance(event, RawEvent) else json.dumps(event) for event in events]
+    rest = [f"{json.dumps(key)}: {json.dumps(value)}" for key, value in body.items() if key != "events"]
+    return "{" + ", ".join([f'"events": [{", ".join(items)}]', *rest]) + "}"
+
+
 def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        status=status, text=json.dumps(body), content_type="application/json", headers=headers or {}
+        status=status, text=_encode(body), content_type="application/json", headers=headers or {}
     )
 
 
