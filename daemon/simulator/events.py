@@ -49,6 +49,7 @@ class Fault:
     body: str = ""
     content_type: str = "application/json"
     back: int = 3
+    skip_ms: int = 0
     malformed_kinds: tuple[str, ...] = traffic.MALFORMED_KINDS
 
     @classmethod
@@ -138,6 +139,12 @@ class Fault:
         if kind not in http_faults.HOSTILE:
             raise ValueError(f"unknown hostile answer {kind!r}; one of {http_faults.HOSTILE}")
         return cls(kind)
+
+    @classmethod
+    def jump(cls, minutes: float, *, status: int = 400) -> Fault:
+        """An empty continuation (the 400 form, or a 200 with no events) whose `nextUrl` resumes `minutes`
+        past the position asked for: the events in between are never delivered (a given-up position)."""
+        return cls("jump", status=status, skip_ms=int(minutes * 60_000))
 
     @classmethod
     def empty_400(cls) -> Fault:
@@ -451,6 +458,8 @@ class EventsSimulator:
                 "nextUrl": self._next_url(cursor, _timeout_of(request)),
             }
             return _json({**body, "events": []}, 400)
+        if fault.kind == "jump":
+            return self._jump(request, fault)
         if fault.kind in http_faults.HOSTILE:
             self._record(request, {"redirect_loop": 302, "malformed_http": None}.get(fault.kind, 200), fault)
             return await http_faults.hostile(fault.kind, request)
@@ -466,6 +475,21 @@ class EventsSimulator:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             return _json({"status": f"simulated {status}"}, status, headers)
         return None
+
+    def _jump(self, request: web.Request, fault: Fault) -> web.Response:
+        """The `jump` fault's answer: nothing delivered, the position `fault.skip_ms` past the one asked for
+        (the asked-for id's time plus the skip; from the first event's time when none was asked for)."""
+        status = fault.status or 400
+        self._record(request, status, fault)
+        key = traffic.event_key(request.query.get("i"))
+        base = key[0] if key else (self._entries[0].key[0] if self._entries else 0)
+        body: dict[str, Any] = {
+            "events": [],
+            "nextUrl": self._next_url(f"{base + fault.skip_ms}-0", _timeout_of(request)),
+        }
+        if status == 400:
+            body["status"] = "waited too long for events"
+        return _json(body, status)
 
     async def _wait_for_page(self, start: int, wait_seconds: int) -> list[_Entry]:
         deadline = time.monotonic() + wait_seconds
