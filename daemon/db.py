@@ -936,6 +936,72 @@ async def watchlist_counts(pool: asyncpg.Pool, *, include_excluded: bool) -> dic
 
 
 @dataclass(frozen=True)
+class SessionSummary:
+    """What one stream session came to (the `session_summaries_for` function of migration 014)."""
+
+    session_id: uuid.UUID
+    broadcaster: str
+    status: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    duration_s: float
+    end_reason: str | None
+    tokens_tipped: int
+    tips: int
+    tokens_per_hour: float | None
+    unique_chatters: int
+    unique_tippers: int
+    unique_visitors: int
+    new_followers: int
+    unfollows: int
+    fan_club_joins: int
+    media_purchases: int
+    top_tippers: list[dict[str, Any]]  # [{"username", "tokens", "tips"}], at most five, most tokens first
+    token_balance_before: float | None
+    token_balance_after: float | None
+    token_balance_change: float | None  # None unless cb_stats snapshots bracket the session
+    tokens_not_in_events: float | None  # the balance change minus every tip: private and spy shows
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+async def session_summaries(pool: asyncpg.Pool, *, last: int, include_excluded: bool) -> list[SessionSummary]:
+    """The newest `last` sessions' summaries, oldest first; excluded persons left out unless
+    `include_excluded` (the seed's filtering rule)."""
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("session_summaries"), last, include_excluded)
+    return [
+        SessionSummary(
+            session_id=row["session_id"],
+            broadcaster=row["broadcaster"],
+            status=row["status"],
+            started_at=row["started_at"],
+            ended_at=row["ended_at"],
+            duration_s=float(row["duration_s"]),
+            end_reason=row["end_reason"],
+            tokens_tipped=int(row["tokens_tipped"]),
+            tips=int(row["tips"]),
+            tokens_per_hour=_optional_number(row["tokens_per_hour"]),
+            unique_chatters=row["unique_chatters"],
+            unique_tippers=row["unique_tippers"],
+            unique_visitors=row["unique_visitors"],
+            new_followers=row["new_followers"],
+            unfollows=row["unfollows"],
+            fan_club_joins=row["fan_club_joins"],
+            media_purchases=row["media_purchases"],
+            top_tippers=list(row["top_tippers"]),
+            token_balance_before=_optional_number(row["token_balance_before"]),
+            token_balance_after=_optional_number(row["token_balance_after"]),
+            token_balance_change=_optional_number(row["token_balance_change"]),
+            tokens_not_in_events=_optional_number(row["tokens_not_in_events"]),
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True)
 class SnapshotCount:
     source: str
     snapshots: int

@@ -20,7 +20,7 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from daemon import __version__, config, db, errors, ingest, logs, metrics, runtime_state, waits
+from daemon import __version__, config, db, errors, logs, metrics, reports, runtime_state, waits
 
 log = logs.get_logger(__name__)
 
@@ -106,20 +106,6 @@ def _failure_json(failure: errors.ApiFailure) -> dict[str, Any]:
     }
 
 
-def gap_json(gap: ingest.Gap) -> dict[str, Any]:
-    """One recorded gap as /status and `mhc-daemon gaps --json` show it."""
-    return {
-        "broadcaster": gap.broadcaster,
-        "after_event_id": gap.after_event_id,
-        "resumed_event_id": gap.resumed_event_id,
-        "gap_from": _iso(gap.gap_from),
-        "gap_to": _iso(gap.gap_to),
-        "gap_s": (gap.gap_to - gap.gap_from).total_seconds(),
-        "reason": gap.reason,
-        "detected_at": _iso(gap.detected_at),
-    }
-
-
 class _Endpoints:
     def __init__(
         self, pool: asyncpg.Pool, settings: config.Settings, state: runtime_state.RuntimeState
@@ -171,7 +157,7 @@ class _Endpoints:
             recent = None
         try:
             gaps = await db.ingest_gaps(self.pool, limit=1)
-            latest_gap: dict[str, Any] | None = gap_json(gaps[0]) if gaps else None
+            latest_gap: dict[str, Any] | None = reports.gap_json(gaps[0]) if gaps else None
         except errors.StorageError:
             latest_gap = None
         body = {

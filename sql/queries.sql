@@ -308,5 +308,11 @@ LEFT JOIN persons p ON p.id = m.person_id AND (NOT COALESCE(p.is_excluded, false
 GROUP BY w.name
 ORDER BY w.name;
 
+-- name: session_summaries
+-- The newest $1 sessions' summaries (migration 014), oldest first; excluded persons counted only when $2.
+SELECT * FROM (
+  SELECT * FROM session_summaries_for($2) ORDER BY started_at DESC, session_id LIMIT $1
+) newest ORDER BY started_at, session_id;
+
 -- name: snapshot_counts
 SELECT source, count(*) AS snapshots, max(captured_at) AS newest FROM snapshots GROUP BY source ORDER BY source;

@@ -1,7 +1,7 @@
 -- 014_session_summaries.sql: what each show came to.
 --
 -- * session_summaries_for(include_excluded): one row per stream session with its start, end, duration (to
---   now while LIVE), end reason, tips and tokens (tokens per hour of the duration), unique chatters (public
+--   its latest event while LIVE: a replayed recording's show is not "live" until now), end reason, tips and tokens (tokens per hour of the duration), unique chatters (public
 --   chat, the broadcaster not counted), unique tippers, unique visitors (USER_ENTER), follows, unfollows,
 --   fan-club joins, media purchases (events, not persons), the top five tippers (a JSON array of
 --   {username, tokens, tips}), and the Stats API's token_balance across the session where cb_stats snapshots
@@ -52,8 +52,11 @@ AS $$
     after.balance - before.balance - every_tip.tokens
   FROM stream_sessions s
   CROSS JOIN LATERAL (
-    SELECT EXTRACT(EPOCH FROM COALESCE(s.ended_at, (now() AT TIME ZONE 'UTC')::timestamp) - s.started_at)
-      ::double precision AS seconds
+    SELECT EXTRACT(EPOCH FROM COALESCE(
+      s.ended_at,
+      (SELECT max(i.timestamp) FROM interactions i WHERE i.stream_session_id = s.id),
+      s.started_at
+    ) - s.started_at)::double precision AS seconds
   ) d
   CROSS JOIN LATERAL (
     SELECT
