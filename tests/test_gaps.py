@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from daemon import db, errors, ingest, metrics, spool
+from daemon import db, errors, ingest, metrics, spool, supervisor
 from daemon.simulator import events, traffic
 from tests import chaos_support as chaos
 from tests import event_samples as sample
@@ -303,3 +303,14 @@ async def test_retries_redeliveries_429s_5xx_null_next_urls_and_idling_make_no_g
     assert chaos.metric_value(endpoints["/metrics"], "mhc_ingest_gaps_total") == 0.0
     assert json.loads(endpoints["/status"])["latest_gap"] is None
     assert not [r for r in chaos.log_records(child) if r.get("event") == "ingest_gap"]
+
+
+def test_a_page_goes_to_the_spool_with_how_it_was_asked_for() -> None:
+    """A page spooled during an outage finds its gap again when it drains."""
+    asked = ingest.Asked(sample.event_id(0), 0.2, continuation=True)
+    batch = ingest.parse_page(
+        [], broadcaster=sample.ROOM, received_at=sample.RECEIVED, next_event_id=sample.event_id(MINUTE_MS)
+    )
+    parsed = supervisor.ParsedPage([], sample.event_id(MINUTE_MS), sample.RECEIVED, batch, asked)
+    spooled = spool.decode(spool.encode(supervisor._spooled(parsed)))
+    assert spooled is not None and spooled.asked == asked
