@@ -7,7 +7,10 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -314,3 +317,45 @@ def test_a_page_goes_to_the_spool_with_how_it_was_asked_for() -> None:
     parsed = supervisor.ParsedPage([], sample.event_id(MINUTE_MS), sample.RECEIVED, batch, asked)
     spooled = spool.decode(spool.encode(supervisor._spooled(parsed)))
     assert spooled is not None and spooled.asked == asked
+
+
+async def test_the_gaps_command_lists_them(pool: asyncpg.Pool, database_url: str, tmp_path: Path) -> None:
+    batch = ingest.parse_page(
+        [],
+        broadcaster=sample.ROOM,
+        received_at=sample.RECEIVED,
+        next_event_id=sample.event_id(5 * MINUTE_MS),
+        asked=ingest.Asked(sample.event_id(0), 1.0, continuation=True),
+    )
+    await db.write_batch(pool, batch, cursor_broadcaster=sample.ROOM, timeout_seconds=10)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MHC_")}
+    env.update({"MHC_DATABASE_URL": database_url, "MHC_DATA_DIR": str(tmp_path / "data")})
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon", "gaps", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    listed = json.loads(await asyncio.to_thread(run, "--json"))
+    assert listed == [
+        {
+            "broadcaster": sample.ROOM,
+            "after_event_id": sample.event_id(0),
+            "resumed_event_id": sample.event_id(5 * MINUTE_MS),
+            "gap_from": sample.at(0).replace(tzinfo=dt.UTC).isoformat(),
+            "gap_to": sample.at(5 * MINUTE_MS).replace(tzinfo=dt.UTC).isoformat(),
+            "gap_s": 300.0,
+            "reason": "continuation_jump",
+            "detected_at": sample.RECEIVED.isoformat(),
+        }
+    ]
+    table = await asyncio.to_thread(run)
+    assert "5m00s" in table and sample.event_id(0) in table and "continuation_jump" in table
