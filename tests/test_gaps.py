@@ -14,8 +14,10 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
+import yarl
 
 from daemon import db, errors, ingest, metrics, spool, supervisor
 from daemon.simulator import events, traffic
@@ -359,3 +361,21 @@ async def test_the_gaps_command_lists_them(pool: asyncpg.Pool, database_url: str
     ]
     table = await asyncio.to_thread(run)
     assert "5m00s" in table and sample.event_id(0) in table and "continuation_jump" in table
+
+
+@pytest.mark.parametrize("status", [400, 200])
+async def test_the_simulators_jump_skips_minutes_and_delivers_nothing(status: int) -> None:
+    generated = traffic.generate(200, seed=3)
+    asked = str(generated[10]["id"])
+    async with (
+        events.EventsSimulator(events=generated) as sim,
+        aiohttp.ClientSession() as session,
+    ):
+        sim.schedule(events.Fault.jump(2, status=status))
+        async with session.get(f"{sim.events_url}?i={asked}&timeout=0") as response:
+            body = await response.json(content_type=None)
+            assert response.status == status
+    assert body["events"] == []
+    resumed = yarl.URL(body["nextUrl"]).query["i"]
+    assert resumed == f"{_key(asked)[0] + 2 * MINUTE_MS}-0"
+    assert ("status" in body) == (status == 400)
