@@ -39,6 +39,7 @@ NAME_MAX = 255
 # A plausible 13-digit millisecond epoch (1973..5138); anything else in an id is not a server time.
 _MS_MIN = 100_000_000_000
 _MS_MAX = 99_999_999_999_999
+_MS_DIGITS = len(str(_MS_MAX))
 _EPOCH = dt.datetime(1970, 1, 1)
 # One encoder for every event: json.dumps with options builds a new one per call, a measurable cost here.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
@@ -180,7 +181,8 @@ def event_time(event_id: str, fallback: dt.datetime) -> dt.datetime:
 def _id_milliseconds(event_id: str) -> int | None:
     """The server time in milliseconds an id such as `1755376889458-0` encodes, else None."""
     prefix = event_id.partition("-")[0]
-    if prefix.isascii() and prefix.isdigit():
+    # The length first: a `nextUrl` may name any `i`, and int() refuses more than 4,300 digits.
+    if len(prefix) <= _MS_DIGITS and prefix.isascii() and prefix.isdigit():
         milliseconds = int(prefix)
         if _MS_MIN <= milliseconds <= _MS_MAX:
             return milliseconds

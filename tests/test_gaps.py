@@ -90,6 +90,8 @@ def test_re_deliveries_null_next_urls_first_requests_and_timeless_ids_make_no_ga
     assert _gap(None, 5 * MINUTE_MS) is None  # "all latest events": no position was asked for
     asked = ingest.Asked("not-a-time", 1.0)
     assert ingest.find_gap(asked, None, "also-not", broadcaster="r", received_at=sample.at(0)) is None
+    huge = ingest.Asked("9" * 5_000 + "-0", 1.0)  # any `i` a nextUrl named: more digits than int() reads
+    assert ingest.find_gap(huge, None, sample.event_id(0), broadcaster="r", received_at=sample.at(0)) is None
 
 
 def test_a_page_of_events_covers_the_feed_up_to_its_last_event() -> None:
