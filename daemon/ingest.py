@@ -218,8 +218,11 @@ def find_gap(
     a full spool only widen the allowance. Re-deliveries move the position backwards, a null `nextUrl`
     resumes at the last event: neither moves it forwards. What is left is a position minutes past the one
     asked for with no events to show for the stretch: the 400 "start over" continuation, a given-up position.
-    After a restart the daemon cannot know how long the room was silent: a jump then is recorded too, since
-    the record can only say where it may have holes, never prove there were none.
+    A position whose event is older than the moment we took it up (after a restart, at the end of a backlog)
+    is the one case the rule cannot settle: if the API then answers "nothing, continue at my now", the room
+    may have been silent or the API may have given the stretch up. It is recorded: the record can only say
+    where it may have holes, never prove there were none. (The simulator's `advance_idle` moves a position by
+    the time since it was handed out, as an API would that keeps a position's clock from then.)
     Ids without a millisecond time (a first request has none) measure nothing and make no gap.
     """
     if asked.event_id is None or next_event_id is None:
