@@ -230,7 +230,49 @@ async def _stats(settings: config.Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run_session_action(settings: config.Settings, args: argparse.Namespace) -> int:
+    return await SESSION_ACTIONS[args.action](settings, args)
+
+
+async def _gaps(settings: config.Settings, args: argparse.Namespace) -> int:
+    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+        gaps = await db.ingest_gaps(pool, limit=args.limit)
+    if args.json:
+        print(json.dumps([reports.gap_json(gap) for gap in gaps], indent=2))
+    else:
+        print(reports.render_gaps(gaps))
+    return 0
+
+
+async def _list_sessions(settings: config.Settings, args: argparse.Namespace) -> int:
+    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+        summaries = await db.session_summaries(pool, last=args.last, include_excluded=args.include_excluded)
+    if args.json:
+        print(json.dumps([reports.session_json(summary) for summary in summaries], indent=2))
+    else:
+        print(reports.render_sessions(summaries, include_excluded=args.include_excluded))
+    return 0
+
+
+# Actions of `mhc-daemon sessions`; the listing is the default when none is named.
+SESSION_ACTIONS: dict[str, Handler] = {"list": _list_sessions}
+
+
 def _add_report_commands(commands: Any) -> None:
+    gaps = commands.add_parser("gaps", help="list the recorded gaps of the event feed, newest first")
+    gaps.add_argument("--json", action="store_true", help="JSON instead of a table")
+    gaps.add_argument("--limit", type=int, default=100, metavar="N", help="at most N gaps (default 100)")
+    gaps.set_defaults(handler=_gaps)
+
+    sessions = commands.add_parser(
+        "sessions", help="show summaries: tips, visitors, follows, top tippers, token balance change"
+    )
+    sessions.add_argument("action", nargs="?", choices=list(SESSION_ACTIONS), default="list")
+    sessions.add_argument("--last", type=int, default=10, metavar="N", help="the newest N sessions (10)")
+    sessions.add_argument("--json", action="store_true", help="JSON instead of text")
+    sessions.add_argument("--include-excluded", action="store_true", help="count excluded persons too")
+    sessions.set_defaults(handler=_run_session_action)
+
     deltas = commands.add_parser("deltas", help="print the deltas between a person's consecutive snapshots")
     deltas.add_argument("username", help="a username or current alias")
     deltas.add_argument(

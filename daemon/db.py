@@ -268,6 +268,7 @@ class WriteResult:
     unknown_methods: int  # new events of a method this version does not map
     newest_event_time: dt.datetime | None  # naive UTC server time of the newest new event
     new_by_method: dict[str, int] = field(default_factory=dict)  # new events per method (metrics, reports)
+    gaps: list[ingest.Gap] = field(default_factory=list)  # gaps recorded by this transaction (not repeats)
 
 
 def combined(first: WriteResult, second: WriteResult) -> WriteResult:
@@ -286,6 +287,7 @@ def combined(first: WriteResult, second: WriteResult) -> WriteResult:
         new_by_method=dict(
             collections.Counter(first.new_by_method) + collections.Counter(second.new_by_method)
         ),
+        gaps=first.gaps + second.gaps,
     )
 
 
@@ -546,6 +548,7 @@ async def _write(
             batch.next_event_id,
             timeout_seconds,
         )
+    gaps = await _insert_gaps(connection, batch.gaps) if batch.gaps else []
     sessions = await _derive(connection, batch, fresh, guarded)
     quarantined = 0
     if batch.quarantined:
@@ -570,17 +573,34 @@ async def _write(
         unknown_methods=sum(1 for event in fresh if event.method not in ingest.KNOWN_METHODS),
         newest_event_time=max((event.event_time for event in fresh), default=None),
         new_by_method=dict(collections.Counter(event.method for event in fresh)),
+        gaps=gaps,
     )
+
+
+async def _insert_gaps(connection: Connection, gaps: tuple[ingest.Gap, ...]) -> list[ingest.Gap]:
+    """Record `gaps`; return those not recorded before (a page stored a second time repeats its gap)."""
+    rows = await connection.fetch(
+        sql_files.query("insert_gaps"),
+        [gap.broadcaster for gap in gaps],
+        [gap.after_event_id for gap in gaps],
+        [gap.resumed_event_id for gap in gaps],
+        [gap.gap_from for gap in gaps],
+        [gap.gap_to for gap in gaps],
+        [gap.reason for gap in gaps],
+        [gap.detected_at for gap in gaps],
+    )
+    new = {(row["after_event_id"], row["resumed_event_id"]) for row in rows}
+    return [gap for gap in gaps if (gap.after_event_id, gap.resumed_event_id) in new]
 
 
 async def write_batch(
     pool: asyncpg.Pool, batch: ingest.Batch, *, cursor_broadcaster: str | None, timeout_seconds: int
 ) -> WriteResult:
     """Store one API response in one transaction: its new events, their rows, session changes, quarantined
-    items and the cursor after it (none when `cursor_broadcaster` is None: a replay never moves it). All or
-    nothing; an event already stored is skipped with everything derived from it. Updates the ingest
-    metrics (events, duplicates, quarantined, unknown methods, rows, write time, lag) after the commit, so a
-    rolled-back write counts nothing.
+    items, the gaps the read position moved over and the cursor after it (none when `cursor_broadcaster` is
+    None: a replay never moves it). All or nothing; an event already stored is skipped with everything
+    derived from it. Updates the ingest metrics (events, duplicates, quarantined, unknown methods, rows, gaps,
+    write time, lag) and logs each new gap after the commit, so a rolled-back write counts nothing.
 
     The transaction first runs on the fast path, plain inserts that assume every event is new; a repeat
     fails it on a unique index, and it runs again guarded (ON CONFLICT DO NOTHING). Repeats are rare
@@ -596,6 +616,17 @@ async def write_batch(
             result = await _write_transaction(pool, batch, cursor_broadcaster, timeout_seconds, guarded=True)
     metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
     _count(result)
+    for gap in result.gaps:
+        log.warning(
+            "ingest_gap",
+            broadcaster=gap.broadcaster,
+            after_event_id=gap.after_event_id,
+            resumed_event_id=gap.resumed_event_id,
+            gap_from=gap.gap_from.isoformat(),
+            gap_to=gap.gap_to.isoformat(),
+            gap_s=round((gap.gap_to - gap.gap_from).total_seconds(), 3),
+            reason=gap.reason,
+        )
     log.debug(
         "batch_stored",
         events=result.new_events,
@@ -630,8 +661,29 @@ def _count(result: WriteResult) -> None:
     metrics.ROWS.labels(table="interactions").inc(result.interactions)
     metrics.ROWS.labels(table="quarantined_events").inc(result.quarantined)
     metrics.ROWS.labels(table="stream_sessions").inc(result.sessions_opened)
+    if result.gaps:
+        metrics.INGEST_GAPS.inc(len(result.gaps))
+        metrics.ROWS.labels(table="ingest_gaps").inc(len(result.gaps))
     if result.newest_event_time is not None:
         metrics.INGEST_LAG.set((utc_now() - result.newest_event_time).total_seconds())
+
+
+async def ingest_gaps(pool: asyncpg.Pool, limit: int = 100) -> list[ingest.Gap]:
+    """The recorded gaps of the feed, newest first."""
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("ingest_gaps"), limit)
+    return [
+        ingest.Gap(
+            broadcaster=row["broadcaster"],
+            after_event_id=row["after_event_id"],
+            resumed_event_id=row["resumed_event_id"],
+            gap_from=row["gap_from"],
+            gap_to=row["gap_to"],
+            reason=row["reason"],
+            detected_at=row["detected_at"],
+        )
+        for row in rows
+    ]
 
 
 # --- Snapshots (issue 4) ------------------------------------------------------------------------------------
@@ -883,6 +935,72 @@ async def watchlist_counts(pool: asyncpg.Pool, *, include_excluded: bool) -> dic
     with translate_errors():
         rows = await pool.fetch(sql_files.query("watchlist_counts"), include_excluded)
     return {row["name"]: row["members"] for row in rows}
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What one stream session came to (the `session_summaries_for` function of migration 014)."""
+
+    session_id: uuid.UUID
+    broadcaster: str
+    status: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    duration_s: float
+    end_reason: str | None
+    tokens_tipped: int
+    tips: int
+    tokens_per_hour: float | None
+    unique_chatters: int
+    unique_tippers: int
+    unique_visitors: int
+    new_followers: int
+    unfollows: int
+    fan_club_joins: int
+    media_purchases: int
+    top_tippers: list[dict[str, Any]]  # [{"username", "tokens", "tips"}], at most five, most tokens first
+    token_balance_before: float | None
+    token_balance_after: float | None
+    token_balance_change: float | None  # None unless cb_stats snapshots bracket the session
+    tokens_not_in_events: float | None  # the balance change minus every tip: private and spy shows
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+async def session_summaries(pool: asyncpg.Pool, *, last: int, include_excluded: bool) -> list[SessionSummary]:
+    """The newest `last` sessions' summaries, oldest first; excluded persons left out unless
+    `include_excluded` (the seed's filtering rule)."""
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("session_summaries"), last, include_excluded)
+    return [
+        SessionSummary(
+            session_id=row["session_id"],
+            broadcaster=row["broadcaster"],
+            status=row["status"],
+            started_at=row["started_at"],
+            ended_at=row["ended_at"],
+            duration_s=float(row["duration_s"]),
+            end_reason=row["end_reason"],
+            tokens_tipped=int(row["tokens_tipped"]),
+            tips=int(row["tips"]),
+            tokens_per_hour=_optional_number(row["tokens_per_hour"]),
+            unique_chatters=row["unique_chatters"],
+            unique_tippers=row["unique_tippers"],
+            unique_visitors=row["unique_visitors"],
+            new_followers=row["new_followers"],
+            unfollows=row["unfollows"],
+            fan_club_joins=row["fan_club_joins"],
+            media_purchases=row["media_purchases"],
+            top_tippers=list(row["top_tippers"]),
+            token_balance_before=_optional_number(row["token_balance_before"]),
+            token_balance_after=_optional_number(row["token_balance_after"]),
+            token_balance_change=_optional_number(row["token_balance_change"]),
+            tokens_not_in_events=_optional_number(row["tokens_not_in_events"]),
+        )
+        for row in rows
+    ]
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ STATBATE_TOKEN = "demo-statbate-token"  # noqa: S105
 STATS_TOKEN = "demo0stats0token00000000"  # noqa: S105
 # A little weather, so the report shows that failures are recorded and bad events quarantined.
 FAULTS = events.FaultRates(server_error=0.02, rate_limited=0.01, malformed=0.02, redeliver=0.02)
+# Halfway through, the API gives up our position once and resumes a minute of the show later (about 85
+# events), so the report shows how a hole in the feed is recorded.
+JUMP_MINUTES = 1.0
 
 _REPORT_QUERIES = {
     "interactions by type": "SELECT type, count(*) FROM interactions GROUP BY type ORDER BY count(*) DESC",
@@ -68,7 +71,11 @@ async def run(*, duration: float, rate: float, keep: Path | None, out: TextIO = 
                     f"demo: simulated room {BROADCASTER!r}, {rate:g} events/s, for {duration:g} s", file=out
                 )
                 running = asyncio.create_task(daemon.run())
+                jump = asyncio.get_running_loop().call_later(
+                    duration / 2, events_sim.schedule, events.Fault.jump(JUMP_MINUTES)
+                )
                 await _show_progress(daemon, running, duration, out)
+                jump.cancel()
                 daemon.request_stop()
                 await running
                 async with db.open_pool(url) as pool:
@@ -116,3 +123,6 @@ async def _report(pool: db.Pool, out: TextIO) -> None:
     print("\n" + reports.render_snapshot_counts(await db.snapshot_counts(pool)), file=out)
     stats = await reports.room_stats(pool, session_id=None, live=True, include_excluded=False, limit=5)
     print("\n" + reports.render_stats(stats), file=out)
+    summaries = await db.session_summaries(pool, last=3, include_excluded=False)
+    print("\nShow summaries:\n" + reports.render_sessions(summaries, include_excluded=False), file=out)
+    print("\nGaps in the feed:\n" + reports.render_gaps(await db.ingest_gaps(pool, limit=10)), file=out)

@@ -106,6 +106,7 @@ class Page:
     request_event_id: str | None
     body: bytes = field(repr=False)  # the raw response body; its nextUrl holds the token
     finite_numbers: bool = False  # orjson decoded the body: no NaN or infinite float in `events`
+    continuation: bool = False  # the answer was the 400 "waited too long" form
 
 
 def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
@@ -310,6 +311,7 @@ class EventsClient:
             request_event_id=url.event_id,
             body=response.body,
             finite_numbers=finite_numbers,
+            continuation=status == 400,
         )
 
     async def _accept_next_url(self, payload: dict[str, Any], status: int, attempt: int) -> EventsUrl | None:

@@ -20,7 +20,7 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from daemon import __version__, config, db, errors, logs, metrics, runtime_state, waits
+from daemon import __version__, config, db, errors, logs, metrics, reports, runtime_state, waits
 
 log = logs.get_logger(__name__)
 
@@ -155,6 +155,11 @@ class _Endpoints:
             ]
         except errors.StorageError:
             recent = None
+        try:
+            gaps = await db.ingest_gaps(self.pool, limit=1)
+            latest_gap: dict[str, Any] | None = reports.gap_json(gaps[0]) if gaps else None
+        except errors.StorageError:
+            latest_gap = None
         body = {
             "version": __version__,
             "started_at": _iso(state.started_at),
@@ -175,6 +180,7 @@ class _Endpoints:
             },
             "spool_bytes": state.spool_bytes,
             "recent_failures": recent,
+            "latest_gap": latest_gap,
         }
         return web.json_response(body)
 

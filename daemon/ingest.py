@@ -39,6 +39,7 @@ NAME_MAX = 255
 # A plausible 13-digit millisecond epoch (1973..5138); anything else in an id is not a server time.
 _MS_MIN = 100_000_000_000
 _MS_MAX = 99_999_999_999_999
+_MS_DIGITS = len(str(_MS_MAX))
 _EPOCH = dt.datetime(1970, 1, 1)
 # One encoder for every event: json.dumps with options builds a new one per call, a measurable cost here.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
@@ -114,6 +115,30 @@ class Quarantined:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """How a page was asked for: the read position of the request (`i`, None for "all latest events"), the
+    seconds from taking that position up to the answer (retries, backoff and back-pressure included), and
+    whether the answer was the 400 continuation form."""
+
+    event_id: str | None
+    waited_seconds: float
+    continuation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A stretch of the feed the read position moved over without its events being delivered."""
+
+    broadcaster: str
+    after_event_id: str  # the last position whose events were delivered
+    resumed_event_id: str  # where reading resumed
+    gap_from: dt.datetime  # naive UTC: the time `after_event_id` encodes
+    gap_to: dt.datetime  # naive UTC: the time `resumed_event_id` encodes
+    reason: str  # one of GAP_REASONS
+    detected_at: dt.datetime  # naive UTC: when the answer that moved the position arrived
+
+
 @dataclass(frozen=True)
 class Batch:
     """Everything one API response (or several consecutive ones, see `merge`) turns into; the writer stores
@@ -128,6 +153,8 @@ class Batch:
     received_at: dt.datetime  # naive UTC
     # Receipt time of each of `events` when they came in different responses; None: all at `received_at`.
     events_received_at: list[dt.datetime] | None = None
+    # Holes in the feed these responses moved the read position over; stored with the cursor move.
+    gaps: tuple[Gap, ...] = ()
 
     def receipt_times(self) -> list[dt.datetime]:
         """When each of `events` was received."""
@@ -147,12 +174,84 @@ def normalize_name(name: str) -> str:
 
 def event_time(event_id: str, fallback: dt.datetime) -> dt.datetime:
     """The server time encoded in an id such as `1755376889458-0`, else `fallback`."""
+    milliseconds = _id_milliseconds(event_id)
+    return fallback if milliseconds is None else _EPOCH + dt.timedelta(milliseconds=milliseconds)
+
+
+def _id_milliseconds(event_id: str) -> int | None:
+    """The server time in milliseconds an id such as `1755376889458-0` encodes, else None."""
     prefix = event_id.partition("-")[0]
-    if prefix.isascii() and prefix.isdigit():
+    # The length first: a `nextUrl` may name any `i`, and int() refuses more than 4,300 digits.
+    if len(prefix) <= _MS_DIGITS and prefix.isascii() and prefix.isdigit():
         milliseconds = int(prefix)
         if _MS_MIN <= milliseconds <= _MS_MAX:
-            return _EPOCH + dt.timedelta(milliseconds=milliseconds)
-    return fallback
+            return milliseconds
+    return None
+
+
+# How far an answer may move the read position beyond the time it waited before the move counts as a gap.
+# The API's and our clocks never meet here (both ends of the move are server times), so the margin only has
+# to cover the server holding an answer a little longer than asked and the moments between our requests.
+GAP_MARGIN_SECONDS = 30.0
+GAP_REASONS = ("continuation_jump", "empty_page_jump", "jump_after_events")
+
+
+def find_gap(
+    asked: Asked,
+    last_event_id: str | None,
+    next_event_id: str | None,
+    *,
+    broadcaster: str,
+    received_at: dt.datetime,
+) -> Gap | None:
+    """The gap one answer leaves, if any: O(1), from three ids and a duration.
+
+    The rule: an answer covers the feed up to the later of the position asked for and its last delivered
+    event. Its next position may lie beyond that by at most the time the position waited for the answer
+    (`asked.waited_seconds`) plus `GAP_MARGIN_SECONDS`; a move further than that passed over events nobody
+    delivered, and is a gap from the covered point to the next position.
+
+    Why ordinary idling never makes a row: whether the API moves `i` on an empty long-poll is undocumented.
+    If it keeps `i`, an idle answer moves nothing. If it moves `i` towards its own "now", it can move it at
+    most by the time the request waited (the server cannot place the position after the moment it answers),
+    and `waited_seconds` counts from when our position was taken up, so retries, 429s, 5xx, back-pressure and
+    a full spool only widen the allowance. Re-deliveries move the position backwards, a null `nextUrl`
+    resumes at the last event: neither moves it forwards. What is left is a position minutes past the one
+    asked for with no events to show for the stretch: the 400 "start over" continuation, a given-up position.
+    A position whose event is older than the moment we took it up (after a restart, at the end of a backlog)
+    is the one case the rule cannot settle: if the API then answers "nothing, continue at my now", the room
+    may have been silent or the API may have given the stretch up. It is recorded: the record can only say
+    where it may have holes, never prove there were none. (The simulator's `advance_idle` moves a position by
+    the time since it was handed out, as an API would that keeps a position's clock from then.)
+    Ids without a millisecond time (a first request has none) measure nothing and make no gap.
+    """
+    if asked.event_id is None or next_event_id is None:
+        return None
+    asked_ms = _id_milliseconds(asked.event_id)
+    next_ms = _id_milliseconds(next_event_id)
+    if asked_ms is None or next_ms is None:
+        return None
+    covered_id, covered_ms = asked.event_id, asked_ms
+    last_ms = _id_milliseconds(last_event_id) if last_event_id is not None else None
+    if last_event_id is not None and last_ms is not None and last_ms > asked_ms:
+        covered_id, covered_ms = last_event_id, last_ms
+    if next_ms - covered_ms <= (asked.waited_seconds + GAP_MARGIN_SECONDS) * 1000:
+        return None
+    if not _storable(covered_id, EVENT_ID_MAX) or not _storable(next_event_id, EVENT_ID_MAX):
+        return None  # not a position the API could have given us; nothing a row could name
+    if last_event_id is not None:
+        reason = "jump_after_events"
+    else:
+        reason = "continuation_jump" if asked.continuation else "empty_page_jump"
+    return Gap(
+        broadcaster=broadcaster,
+        after_event_id=covered_id,
+        resumed_event_id=next_event_id,
+        gap_from=_EPOCH + dt.timedelta(milliseconds=covered_ms),
+        gap_to=_EPOCH + dt.timedelta(milliseconds=next_ms),
+        reason=reason,
+        detected_at=received_at,
+    )
 
 
 def _utc_naive(moment: dt.datetime) -> dt.datetime:
@@ -454,12 +553,14 @@ def parse_page(
     received_at: dt.datetime,
     next_event_id: str | None,
     finite_numbers: bool = False,
+    asked: Asked | None = None,
 ) -> Batch:
     """Sort one response's items into stored events (with their rows) and quarantined items; never raises
     for any content of `events`. `broadcaster` is the configured room, used when an event names none.
     `finite_numbers`: the caller vouches that no float in `events` is NaN or infinite (orjson decoded them),
     which lets the faster encoder write them. A `next_event_id` the cursor column cannot hold (too long, a
-    NUL, a lone surrogate: the API's text either way) becomes None, which keeps the committed cursor."""
+    NUL, a lone surrogate: the API's text either way) becomes None, which keeps the committed cursor.
+    With `asked` (how the page was asked for) the batch carries the gap the answer leaves (`find_gap`)."""
     configured = normalize_name(broadcaster)
     received = _utc_naive(received_at)
     out = _Collector([], [], [], [], finite_numbers)
@@ -468,15 +569,30 @@ def parse_page(
             _one(item, configured, received, out)
         except _Unmappable as error:
             out.quarantined.append(_quarantine(item, str(error)))
+    next_id = next_event_id if _storable(next_event_id, EVENT_ID_MAX) else None
+    gap = None
+    if asked is not None:
+        last_id = _last_id(events)
+        gap = find_gap(asked, last_id, next_id, broadcaster=configured, received_at=received)
     return Batch(
         events=out.events,
         interactions=out.interactions,
         session_changes=out.session_changes,
         quarantined=out.quarantined,
         unknown_methods=out.unknown,
-        next_event_id=next_event_id if _storable(next_event_id, EVENT_ID_MAX) else None,
+        next_event_id=next_id,
         received_at=received,
+        gaps=(gap,) if gap is not None else (),
     )
+
+
+def _last_id(events: list[Any]) -> str | None:
+    """The id of the last item that has one: the end of what the page delivered (one step, nearly always)."""
+    for item in reversed(events):
+        event_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(event_id, str) and event_id:
+            return event_id
+    return None
 
 
 def merge(batches: list[Batch]) -> Batch:
@@ -499,6 +615,7 @@ def merge(batches: list[Batch]) -> Batch:
         ),
         received_at=batches[-1].received_at,
         events_received_at=[moment for batch in batches for moment in batch.receipt_times()],
+        gaps=tuple(gap for batch in batches for gap in batch.gaps),
     )
 
 
@@ -511,7 +628,7 @@ def split(batch: Batch) -> tuple[Batch, Batch]:
     """`batch` as two smaller batches that store, in turn, what it stores: its events halved in order (each
     with its own rows), its quarantine items with the first half, the read position with the second. A batch
     of one event splits into that event and its quarantine items. The writer halves a batch PostgreSQL
-    refuses until the refused events stand alone."""
+    refuses until the refused events stand alone. Gaps go with the read position, into the second."""
     events, quarantined = batch.events, batch.quarantined
     first: tuple[list[StoredEvent], list[Quarantined]]
     second: tuple[list[StoredEvent], list[Quarantined]]
@@ -525,11 +642,15 @@ def split(batch: Batch) -> tuple[Batch, Batch]:
         first, second = ([], quarantined[:half]), ([], quarantined[half:])
     else:
         raise ValueError("a batch of one item cannot be split")
-    return _part(batch, *first, None), _part(batch, *second, batch.next_event_id)
+    return _part(batch, *first, None, ()), _part(batch, *second, batch.next_event_id, batch.gaps)
 
 
 def _part(
-    batch: Batch, events: list[StoredEvent], quarantined: list[Quarantined], next_event_id: str | None
+    batch: Batch,
+    events: list[StoredEvent],
+    quarantined: list[Quarantined],
+    next_event_id: str | None,
+    gaps: tuple[Gap, ...],
 ) -> Batch:
     ids = {event.event_id for event in events}
     times = batch.receipt_times()
@@ -543,4 +664,5 @@ def _part(
         next_event_id=next_event_id,
         received_at=batch.received_at,
         events_received_at=[times[positions[id(event)]] for event in events],
+        gaps=gaps,
     )

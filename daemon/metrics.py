@@ -14,6 +14,11 @@ QUARANTINED = Counter("mhc_events_quarantined_total", "Events kept in quarantine
 UNKNOWN_METHODS = Counter(
     "mhc_events_unknown_method_total", "Events of a method this version does not know.", registry=REGISTRY
 )
+INGEST_GAPS = Counter(
+    "mhc_ingest_gaps_total",
+    "Stretches of the feed the read position moved over without their events (ingest_gaps rows).",
+    registry=REGISTRY,
+)
 ROWS = Counter("mhc_rows_written_total", "Rows written, by table.", ["table"], registry=REGISTRY)
 API_REQUESTS = Counter(
     "mhc_api_requests_total",

@@ -1,4 +1,5 @@
-"""Read-side reports for the command line: snapshot deltas and exclusion-aware room stats.
+"""Read-side reports for the command line: snapshot deltas, exclusion-aware room stats, show summaries and
+the gaps of the feed.
 
 Gathering goes through `db`; rendering is pure (`render_*` take plain values and return text), so the
 command-line handlers stay one call each.
@@ -15,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from daemon import db, errors
+from daemon import db, errors, ingest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,3 +158,115 @@ def render_snapshot_counts(counts: list[db.SnapshotCount]) -> str:
     rows = [("SOURCE", "SNAPSHOTS", "NEWEST")]
     rows += [(count.source, str(count.snapshots), _time(count.newest)) for count in counts]
     return _table(rows)
+
+
+def _utc(moment: dt.datetime | None) -> str | None:
+    """A naive-UTC TIMESTAMP value as ISO 8601 with its offset."""
+    return None if moment is None else moment.replace(tzinfo=dt.UTC).isoformat()
+
+
+def gap_json(gap: ingest.Gap) -> dict[str, Any]:
+    """One recorded gap as `/status` and `mhc-daemon gaps --json` show it."""
+    return {
+        "broadcaster": gap.broadcaster,
+        "after_event_id": gap.after_event_id,
+        "resumed_event_id": gap.resumed_event_id,
+        "gap_from": _utc(gap.gap_from),
+        "gap_to": _utc(gap.gap_to),
+        "gap_s": (gap.gap_to - gap.gap_from).total_seconds(),
+        "reason": gap.reason,
+        "detected_at": _utc(gap.detected_at),
+    }
+
+
+def render_gaps(gaps: list[ingest.Gap]) -> str:
+    """One line per gap, newest first."""
+    if not gaps:
+        return "no gaps recorded: every position the feed moved over was delivered"
+    rows = [("DETECTED", "FROM", "TO", "MISSING", "AFTER EVENT", "RESUMED AT", "REASON")]
+    for gap in gaps:
+        span = _duration((gap.gap_to - gap.gap_from).total_seconds())
+        rows.append(
+            (
+                _time(gap.detected_at),
+                _time(gap.gap_from),
+                _time(gap.gap_to),
+                span,
+                gap.after_event_id,
+                gap.resumed_event_id,
+                gap.reason,
+            )
+        )
+    return _table(rows)
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def session_json(summary: db.SessionSummary) -> dict[str, Any]:
+    return {
+        "session_id": str(summary.session_id),
+        "broadcaster": summary.broadcaster,
+        "status": summary.status,
+        "started_at": _utc(summary.started_at),
+        "ended_at": _utc(summary.ended_at),
+        "duration_s": summary.duration_s,
+        "end_reason": summary.end_reason,
+        "tokens_tipped": summary.tokens_tipped,
+        "tips": summary.tips,
+        "tokens_per_hour": summary.tokens_per_hour,
+        "unique_chatters": summary.unique_chatters,
+        "unique_tippers": summary.unique_tippers,
+        "unique_visitors": summary.unique_visitors,
+        "new_followers": summary.new_followers,
+        "unfollows": summary.unfollows,
+        "fan_club_joins": summary.fan_club_joins,
+        "media_purchases": summary.media_purchases,
+        "top_tippers": [
+            {"username": item["username"], "tokens": _number(float(item["tokens"])), "tips": item["tips"]}
+            for item in summary.top_tippers
+        ],
+        "token_balance_before": summary.token_balance_before,
+        "token_balance_after": summary.token_balance_after,
+        "token_balance_change": summary.token_balance_change,
+        "tokens_not_in_events": summary.tokens_not_in_events,
+    }
+
+
+def render_sessions(summaries: list[db.SessionSummary], *, include_excluded: bool) -> str:
+    """A block per session, oldest first."""
+    if not summaries:
+        return "no stream sessions yet"
+    parts = []
+    for summary in summaries:
+        end = _time(summary.ended_at) if summary.ended_at else "LIVE"
+        reason = f" ({summary.end_reason})" if summary.end_reason else ""
+        per_hour = f"{summary.tokens_per_hour:g}" if summary.tokens_per_hour is not None else "-"
+        lines = [
+            f"Session {summary.session_id}  {summary.broadcaster}",
+            f"  {_time(summary.started_at)} -> {end}{reason}, {_duration(summary.duration_s)}",
+            f"  tokens {summary.tokens_tipped} in {summary.tips} tips, {per_hour} per hour",
+            f"  unique chatters {summary.unique_chatters}, tippers {summary.unique_tippers}, "
+            f"visitors {summary.unique_visitors}",
+            f"  follows {summary.new_followers}, unfollows {summary.unfollows}, "
+            f"fan-club joins {summary.fan_club_joins}, media purchases {summary.media_purchases}",
+        ]
+        if summary.top_tippers:
+            top = ", ".join(
+                f"{item['username']} {_number(float(item['tokens']))}" for item in summary.top_tippers
+            )
+            lines.append(f"  top tippers: {top}")
+        if summary.token_balance_change is None:
+            lines.append("  token balance: no Stats API snapshots bracket this session")
+        else:
+            lines.append(
+                f"  token balance {_number(summary.token_balance_change):+} "
+                f"({_number(summary.tokens_not_in_events or 0.0):+} not in events: private and spy shows)"
+            )
+        parts.append("\n".join(lines))
+    if not include_excluded:
+        parts.append("Excluded persons are left out (--include-excluded to count them).")
+    return "\n\n".join(parts)

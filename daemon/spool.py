@@ -8,7 +8,8 @@ again); a crash while draining drains again from the first line, and the writer'
 was already committed.
 
 Format 2, one record a line: `2 <payload bytes> <crc32 of the payload, 8 hex> <JSON payload>\\n`. The
-payload is `{"events":…,"next_event_id":…,"received_at":…}` in ASCII JSON, which never holds a raw
+payload is `{"events":…,"next_event_id":…,"received_at":…}` (plus `"asked":{"event_id":…,"waited_seconds":…,
+"continuation":…}` when known) in ASCII JSON, which never holds a raw
 newline, so one damaged record is one damaged line and the next line starts the next record. Format 1 (the
 bare JSON payload as a line, without header) is still read; appends always write format 2.
 
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from daemon import errors, logs
+from daemon import errors, ingest, logs
 
 log = logs.get_logger(__name__)
 
@@ -58,6 +59,8 @@ class SpooledPage:
     events: list[Any]
     next_event_id: str | None
     received_at: dt.datetime
+    # How the page was asked for (`ingest.Asked`), so that a gap it leaves is found again when it drains.
+    asked: ingest.Asked | None = None
 
 
 @dataclass(frozen=True)
@@ -81,11 +84,18 @@ class _Unreadable(Exception):
 
 def encode(page: SpooledPage) -> bytes:
     """One page as a format-2 line."""
-    record = {
+    record: dict[str, Any] = {
         "events": page.events,
         "next_event_id": page.next_event_id,
         "received_at": page.received_at.isoformat(),
     }
+    if page.asked is not None:
+        asked = page.asked
+        record["asked"] = {
+            "event_id": asked.event_id,
+            "waited_seconds": asked.waited_seconds,
+            "continuation": asked.continuation,
+        }
     payload = json.dumps(record, separators=(",", ":")).encode()
     return b"%d %d %08x %s\n" % (FORMAT, len(payload), zlib.crc32(payload), payload)
 
@@ -127,7 +137,26 @@ def _page(payload: bytes) -> SpooledPage:
         raise _Unreadable("missing or malformed fields") from None
     if not isinstance(events, list) or not isinstance(next_event_id, str | None):
         raise _Unreadable("fields of the wrong type")
-    return SpooledPage(events=events, next_event_id=next_event_id, received_at=received_at)
+    return SpooledPage(
+        events=events, next_event_id=next_event_id, received_at=received_at, asked=_asked(record.get("asked"))
+    )
+
+
+def _asked(value: Any) -> ingest.Asked | None:
+    """How a spooled page was asked for; None when the record does not say (or says it wrongly): a gap is
+    then not looked for, as for a record of an older version."""
+    if not isinstance(value, dict):
+        return None
+    event_id, waited, continuation = (
+        value.get("event_id"),
+        value.get("waited_seconds"),
+        value.get("continuation"),
+    )
+    if not isinstance(event_id, str | None) or not isinstance(continuation, bool):
+        return None
+    if not isinstance(waited, int | float) or isinstance(waited, bool):
+        return None
+    return ingest.Asked(event_id, float(waited), continuation)
 
 
 def _newlines_backwards(handle: BinaryIO, end: int) -> Iterator[int]:

@@ -86,6 +86,7 @@ class ParsedPage:
     next_event_id: str | None
     received_at: dt.datetime
     batch: ingest.Batch
+    asked: ingest.Asked | None = None
 
 
 @dataclass
@@ -361,6 +362,7 @@ class Supervisor:
         log.info("polling_started", resume_from=position, spooled_bytes=self.disk_spool.pending_bytes)
         first = True
         loop = asyncio.get_running_loop()
+        taken = loop.time()  # when the position of `url` was taken up: gap detection allows for all since
         while not self.stop.is_set():
             started = loop.time()
             fetch = asyncio.ensure_future(client.fetch(url))
@@ -373,12 +375,15 @@ class Supervisor:
                 break
             stopped.cancel()
             page = fetch.result()
+            answered = loop.time()
             if first:
                 systemd.ready()
                 first = False
-            if not await self._hand_off(self._parsed(page), handoff):
+            asked = ingest.Asked(page.request_event_id, answered - taken, page.continuation)
+            if not await self._hand_off(self._parsed(page, asked), handoff):
                 break
             url = page.next_url or client.start_url(page.next_event_id)
+            taken = answered
             pause = started + LIVE_POLL_SPACING - loop.time()
             if len(page.events) < FULL_PAGE and pause > 0 and await waits.wait_for_stop(self.stop, pause):
                 break
@@ -481,7 +486,7 @@ class Supervisor:
                 await self._commit_queued(pool, self._waiting_pages(handoff.get_nowait(), handoff))
             elif (spooled := self.disk_spool.next_page()) is not None:
                 end_offset, spooled_page = spooled
-                await self._commit(pool, [self._parsed(spooled_page)])
+                await self._commit(pool, [self._parsed(spooled_page, spooled_page.asked)])
                 self.disk_spool.committed(end_offset)
                 await self._record_failures(pool)  # damaged records met on the way
                 self._spool_gauge()
@@ -519,15 +524,16 @@ class Supervisor:
         self.state.spool_bytes = self.disk_spool.pending_bytes
         metrics.SPOOL_BYTES.set(self.state.spool_bytes)
 
-    def _parsed(self, page: events_api.Page | spool.SpooledPage) -> ParsedPage:
+    def _parsed(self, page: events_api.Page | spool.SpooledPage, asked: ingest.Asked | None) -> ParsedPage:
         batch = ingest.parse_page(
             page.events,
             broadcaster=self.settings.cb_username,
             received_at=page.received_at,
             next_event_id=page.next_event_id,
             finite_numbers=isinstance(page, events_api.Page) and page.finite_numbers,
+            asked=asked,
         )
-        return ParsedPage(page.events, page.next_event_id, page.received_at, batch)
+        return ParsedPage(page.events, page.next_event_id, page.received_at, batch, asked)
 
     async def _commit(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
         batch = ingest.merge([page.batch for page in pages])
@@ -656,4 +662,4 @@ class _Stopping(Exception):  # a signal between our own functions, not an error
 
 
 def _spooled(page: ParsedPage) -> spool.SpooledPage:
-    return spool.SpooledPage(page.events, page.next_event_id, page.received_at)
+    return spool.SpooledPage(page.events, page.next_event_id, page.received_at, page.asked)

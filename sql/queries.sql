@@ -146,6 +146,20 @@ FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamp[], $7:
   AS i(person_id, session_id, type, content, at, metadata)
 ON CONFLICT ((metadata->>'event_id')) WHERE source = 'cb_events' DO NOTHING;
 
+-- name: insert_gaps
+-- Holes the read position moved over (ingest.find_gap), in the transaction of the cursor move; a page stored
+-- twice (from memory and from the spool) records its gap once.
+INSERT INTO ingest_gaps (broadcaster, after_event_id, resumed_event_id, gap_from, gap_to, reason, detected_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[],
+  $7::timestamp[])
+ON CONFLICT (broadcaster, after_event_id, resumed_event_id) DO NOTHING
+RETURNING after_event_id, resumed_event_id;
+
+-- name: ingest_gaps
+-- The newest gaps first ($1 rows at most).
+SELECT broadcaster, after_event_id, resumed_event_id, gap_from, gap_to, reason, detected_at
+FROM ingest_gaps ORDER BY detected_at DESC, gap_from DESC LIMIT $1;
+
 -- name: insert_quarantined
 INSERT INTO quarantined_events (fingerprint, event_id, method, raw, reason)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
@@ -298,6 +312,12 @@ LEFT JOIN watchlist_members m ON m.watchlist_id = w.id
 LEFT JOIN persons p ON p.id = m.person_id AND (NOT COALESCE(p.is_excluded, false) OR $1)
 GROUP BY w.name
 ORDER BY w.name;
+
+-- name: session_summaries
+-- The newest $1 sessions' summaries (migration 014), oldest first; excluded persons counted only when $2.
+SELECT * FROM (
+  SELECT * FROM session_summaries_for($2) ORDER BY started_at DESC, session_id LIMIT $1
+) newest ORDER BY started_at, session_id;
 
 -- name: snapshot_counts
 SELECT source, count(*) AS snapshots, max(captured_at) AS newest FROM snapshots GROUP BY source ORDER BY source;

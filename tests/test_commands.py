@@ -42,6 +42,10 @@ def test_demo_shows_events_flowing_into_an_embedded_database(tmp_path: Path) -> 
     stored_events = int(stored_line.split(":")[1].split()[0])
     assert stored_events >= 300, stored_line
     assert "TIP_EVENT" in out and "statbate_member" in out and "cb_stats" in out
+    summary = out.split("Show summaries:", 1)[1]
+    assert "tokens" in summary and "top tippers:" in summary and "LIVE" in summary, summary
+    gaps = out.split("Gaps in the feed:", 1)[1]
+    assert "continuation_jump" in gaps, gaps  # the demo's one jump, halfway through
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists(), "the demo never touches the user's data directory"
 

@@ -132,7 +132,7 @@ def test_image_runs_the_installed_console_script(installed_wheel: Path, tmp_path
         [entrypoint[0], "--help"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert usage.returncode == 0, usage.stderr
-    for command in ("run", "migrate", "demo", "replay", "deltas", "stats", "health"):
+    for command in ("run", "migrate", "demo", "replay", "deltas", "stats", "sessions", "gaps", "health"):
         assert command in usage.stdout, command
 
 

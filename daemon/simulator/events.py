@@ -58,6 +58,7 @@ class Fault:
     body: str = ""
     content_type: str = "application/json"
     back: int = 3
+    skip_ms: int = 0
     malformed_kinds: tuple[str, ...] = traffic.MALFORMED_KINDS
 
     @classmethod
@@ -149,6 +150,12 @@ class Fault:
         return cls(kind)
 
     @classmethod
+    def jump(cls, minutes: float, *, status: int = 400) -> Fault:
+        """An empty continuation (the 400 form, or a 200 with no events) whose `nextUrl` resumes `minutes`
+        past the position asked for: the events in between are never delivered (a given-up position)."""
+        return cls("jump", status=status, skip_ms=int(minutes * 60_000))
+
+    @classmethod
     def empty_400(cls) -> Fault:
         """The undocumented HTTP 400 "waited too long for events" form, with no events, for this request."""
         return cls("empty_400", status=400)
@@ -212,6 +219,11 @@ class EventsSimulator:
     # Tokens still accepted besides `token` (the real API's grace while a rotated-out token is revoked).
     retired_tokens: set[str] = field(default_factory=set)
     empty_status: int = 200
+    # An API whose position runs with its clock: an empty answer's `nextUrl` lies as far past the position
+    # asked for as the time since that position was handed out (retries in between included). Whether the
+    # real API does this is undocumented; gap detection must take it for idling. Only for a backlog that is
+    # available at once: with paced events the moved position could pass events not yet available.
+    advance_idle: bool = False
     hang_seconds: float = 300.0
     foreign_base: str = FOREIGN_BASE
     host: str = "127.0.0.1"
@@ -227,6 +239,7 @@ class EventsSimulator:
         self._random = random.Random(self.seed)
         self._changed = asyncio.Condition()
         self._closing = asyncio.Event()
+        self._issued: dict[str, float] = {}  # position -> when a nextUrl first named it (advance_idle)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
         self._initial = list(self.events)
@@ -387,6 +400,8 @@ class EventsSimulator:
         return fault
 
     def _next_url(self, cursor: str | None, timeout: int) -> str:
+        if cursor is not None and self.advance_idle:
+            self._issued.setdefault(cursor, time.monotonic())
         query = {"i": cursor, "timeout": str(timeout)} if cursor else {"timeout": str(timeout)}
         return f"{self.events_url}?{urlencode(query)}"
 
@@ -420,8 +435,11 @@ class EventsSimulator:
             self._record(request, 400, fault)
             return _json({"status": "invalid i"}, 400)
         timeout = _timeout_of(request)
+        asked_at = time.monotonic()
         page = await self._wait_for_page(start, timeout)
         last_cursor = page[-1].cursor if page else cursor
+        if not page and self.advance_idle and cursor is not None:
+            last_cursor = self._advanced(cursor, asked_at)
         body: dict[str, Any] = {
             "events": [entry.event for entry in page],
             "nextUrl": self._next_url(last_cursor, timeout),
@@ -460,6 +478,8 @@ class EventsSimulator:
                 "nextUrl": self._next_url(cursor, _timeout_of(request)),
             }
             return _json({**body, "events": []}, 400)
+        if fault.kind == "jump":
+            return self._jump(request, fault)
         if fault.kind in http_faults.HOSTILE:
             self._record(request, {"redirect_loop": 302, "malformed_http": None}.get(fault.kind, 200), fault)
             return await http_faults.hostile(fault.kind, request)
@@ -475,6 +495,29 @@ class EventsSimulator:
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
             return _json({"status": f"simulated {status}"}, status, headers)
         return None
+
+    def _advanced(self, cursor: str, asked_at: float) -> str:
+        """`cursor` moved on by the time since it was handed out (since `asked_at` if it never was)."""
+        key = traffic.event_key(cursor)
+        if key is None:
+            return cursor
+        moved = int((time.monotonic() - self._issued.get(cursor, asked_at)) * 1000)
+        return f"{key[0] + moved}-0" if moved > 0 else cursor
+
+    def _jump(self, request: web.Request, fault: Fault) -> web.Response:
+        """The `jump` fault's answer: nothing delivered, the position `fault.skip_ms` past the one asked for
+        (the asked-for id's time plus the skip; from the first event's time when none was asked for)."""
+        status = fault.status or 400
+        self._record(request, status, fault)
+        key = traffic.event_key(request.query.get("i"))
+        base = key[0] if key else (self._entries[0].key[0] if self._entries else 0)
+        body: dict[str, Any] = {
+            "events": [],
+            "nextUrl": self._next_url(f"{base + fault.skip_ms}-0", _timeout_of(request)),
+        }
+        if status == 400:
+            body["status"] = "waited too long for events"
+        return _json(body, status)
 
     async def _wait_for_page(self, start: int, wait_seconds: int) -> list[_Entry]:
         deadline = time.monotonic() + wait_seconds
