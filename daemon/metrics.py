@@ -14,6 +14,11 @@ QUARANTINED = Counter("mhc_events_quarantined_total", "Events kept in quarantine
 UNKNOWN_METHODS = Counter(
     "mhc_events_unknown_method_total", "Events of a method this version does not know.", registry=REGISTRY
 )
+STALE_STOPS = Counter(
+    "mhc_broadcast_stops_stale_total",
+    "broadcastStop events older than the session they met (a replay, a late re-delivery): no change made.",
+    registry=REGISTRY,
+)
 ROWS = Counter("mhc_rows_written_total", "Rows written, by table.", ["table"], registry=REGISTRY)
 API_REQUESTS = Counter(
     "mhc_api_requests_total",

@@ -115,14 +115,18 @@ WITH upserted AS (
 SELECT * FROM upserted;
 
 -- name: end_sessions
-UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, updated_at = NOW()
-FROM unnest($1::uuid[], $2::timestamp[]) AS e(id, ended_at)
-WHERE s.id = e.id;
+-- Sessions the session rules end ($1 ids, $2 times, $3 reasons). Only a LIVE row is ended: a row another
+-- writer (the staleness task, a repair) ended meanwhile keeps its end.
+UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, end_reason = e.reason, updated_at = NOW()
+FROM unnest($1::uuid[], $2::timestamp[], $3::text[]) AS e(id, ended_at, reason)
+WHERE s.id = e.id AND s.status = 'LIVE';
 
 -- name: insert_sessions
-INSERT INTO stream_sessions (id, platform, broadcaster, started_at, ended_at, status)
-SELECT s.id, $1, s.broadcaster, s.started_at, s.ended_at, CASE WHEN s.ended_at IS NULL THEN 'LIVE' ELSE 'ENDED' END
-FROM unnest($2::uuid[], $3::text[], $4::timestamp[], $5::timestamp[]) AS s(id, broadcaster, started_at, ended_at);
+INSERT INTO stream_sessions (id, platform, broadcaster, started_at, ended_at, status, end_reason)
+SELECT s.id, $1, s.broadcaster, s.started_at, s.ended_at,
+  CASE WHEN s.ended_at IS NULL THEN 'LIVE' ELSE 'ENDED' END, s.reason
+FROM unnest($2::uuid[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
+  AS s(id, broadcaster, started_at, ended_at, reason);
 
 -- name: insert_new_interactions
 -- The rows of events new in this transaction, on the fast path (see insert_new_events): a second row for an
@@ -148,15 +152,29 @@ ON CONFLICT (fingerprint) DO NOTHING;
 
 -- name: batch_context
 -- What the events writer must know before it writes a batch's rows, in one round trip: the current aliases
--- among its names ($1, platform $2; kind 'alias', like resolve_aliases) and the LIVE sessions of its rooms
--- ($3; kind 'live', name = broadcaster, at = started_at).
-SELECT 'alias' AS kind, a.alias AS name, a.person_id AS id, a.valid_from AS at
+-- among its names ($1, platform $2; kind 'alias', like resolve_aliases) and the sessions of its rooms ($3) the
+-- session rules need (kind 'session', name = broadcaster, at = started_at): the LIVE ones, those whose span
+-- overlaps the batch's times [$4, $5], and the first one starting after them (so a replayed old start knows a
+-- later show exists). `last_at`, a LIVE session's newest linked event, is read only when the batch holds a
+-- broadcastStart ($6): it scans the session's interactions, and only a start while LIVE needs it.
+SELECT 'alias' AS kind, a.alias AS name, a.person_id AS id, a.valid_from AS at,
+  NULL::timestamp AS ended_at, NULL::timestamp AS last_at
 FROM person_aliases a
 WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL
 UNION ALL
-SELECT 'live', s.broadcaster, s.id, s.started_at
+SELECT 'session', s.broadcaster, s.id, s.started_at, s.ended_at,
+  CASE WHEN $6 AND s.status = 'LIVE' THEN
+    (SELECT max(i.timestamp) FROM interactions i WHERE i.stream_session_id = s.id)
+  END
 FROM stream_sessions s
-WHERE s.status = 'LIVE' AND s.broadcaster = ANY($3::text[]);
+WHERE s.broadcaster = ANY($3::text[]) AND (
+  s.status = 'LIVE'
+  OR (s.started_at <= $5 AND s.ended_at >= $4)
+  OR (s.started_at > $5 AND NOT EXISTS (
+    SELECT 1 FROM stream_sessions n
+    WHERE n.broadcaster = s.broadcaster AND n.started_at > $5 AND n.started_at < s.started_at
+  ))
+);
 -- ---------------------------------------------------------------------------------------------------------------
 -- Snapshots (issue 4): scheduling, identity (did/rid, renames), deltas and the exclusion-aware read side.
 
