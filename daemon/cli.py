@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 import uuid
@@ -244,3 +245,21 @@ def _add_report_commands(commands: Any) -> None:
     stats.add_argument("--limit", type=int, default=10, metavar="N", help="rows per ranking (default 10)")
     stats.add_argument("--json", action="store_true", help="JSON instead of tables")
     stats.set_defaults(handler=_stats)
+
+    # `sessions` takes an optional action so that the listing (issue 10's summaries) and `repair` share it.
+    listing = commands.add_parser("sessions", help="stream sessions; `sessions repair` fixes older data")
+    listing.add_argument("action", nargs="?", choices=["repair"], help="repair: apply the session rules")
+    listing.add_argument("--dry-run", action="store_true", help="repair: print the changes, make none")
+    listing.set_defaults(handler=_sessions)
+
+
+async def _sessions(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.action != "repair":
+        raise errors.DaemonError("`sessions` needs an action here: `sessions repair [--dry-run]`")
+    stale_after = dt.timedelta(minutes=settings.session_stale_minutes)
+    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+        outcome = await db.repair_sessions(
+            pool, now=db.utc_now(), stale_after=stale_after, dry_run=args.dry_run
+        )
+    print(reports.render_repair(outcome))
+    return 0

@@ -855,6 +855,123 @@ async def snapshot_deltas(
     ]
 
 
+async def live_sessions(pool: asyncpg.Pool) -> list[sessions.Live]:
+    """Every LIVE session with its last event and its broadcaster's newest Stats API report."""
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("live_sessions_for_staleness"))
+    return [
+        sessions.Live(
+            id=row["id"],
+            broadcaster=row["broadcaster"],
+            started_at=row["started_at"],
+            last_event_at=row["last_event_at"],
+            report=sessions.StatsReport(row["report_at"], sessions.stats_room_state(row["report"]))
+            if row["report_at"] is not None
+            else None,
+        )
+        for row in rows
+    ]
+
+
+async def end_stale_sessions(pool: asyncpg.Pool, endings: list[sessions.Ended]) -> list[uuid.UUID]:
+    """End these LIVE sessions as stale, each unless it got a newer event meanwhile; the ids ended."""
+    if not endings:
+        return []
+    with translate_errors():
+        rows = await pool.fetch(
+            sql_files.query("end_stale_sessions"),
+            [item.id for item in endings],
+            [item.ended_at for item in endings],
+        )
+    return [row["id"] for row in rows]
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    changes: list[sessions.Repair]
+    relinked: dict[tuple[uuid.UUID | None, uuid.UUID | None], int]  # (from, to) session -> interactions
+    applied: bool  # False for a dry run: the same transaction, rolled back
+
+
+class _DryRun(Exception):  # rolls the repair's transaction back after it ran
+    pass
+
+
+async def repair_sessions(
+    pool: asyncpg.Pool, *, now: dt.datetime, stale_after: dt.timedelta, dry_run: bool
+) -> RepairOutcome:
+    """`sessions repair`: in one transaction, read the stored sessions, start/stop events, last events and
+    Stats reports, apply `sessions.plan_repair`'s changes and relink every cb_events interaction to the
+    session containing it. A dry run does all of it and rolls back: it reports exactly what would change."""
+    outcome: RepairOutcome | None = None
+    with translate_errors(), contextlib.suppress(_DryRun):
+        async with pool.acquire() as connection, connection.transaction():
+            data = await _repair_input(connection)
+            changes = sessions.plan_repair(data, utc_naive(now), stale_after)
+            # Ends first, then LIVE rows: one LIVE session per room at every step.
+            for change in sorted(changes, key=lambda item: (item.insert, item.ended_at is None)):
+                if change.insert:
+                    await connection.execute(
+                        sql_files.query("insert_sessions"),
+                        PLATFORM,
+                        [change.id],
+                        [change.broadcaster],
+                        [change.started_at],
+                        [change.ended_at],
+                        [change.end_reason],
+                    )
+                else:
+                    await connection.execute(
+                        sql_files.query("repair_update_session"),
+                        change.id,
+                        change.ended_at,
+                        change.end_reason,
+                        change.status,
+                    )
+            moves = await connection.fetch(sql_files.query("repair_relink"))
+            relinked = collections.Counter((row["old_id"], row["new_id"]) for row in moves)
+            outcome = RepairOutcome(changes, dict(relinked), applied=not dry_run)
+            if dry_run:
+                raise _DryRun
+    if outcome is None:
+        raise errors.StorageError("the session repair ended without an outcome")
+    return outcome
+
+
+async def _repair_input(connection: Connection) -> sessions.RepairInput:
+    stored = [
+        sessions.Stored(
+            row["id"],
+            row["broadcaster"],
+            row["started_at"],
+            row["ended_at"],
+            row["status"],
+            row["end_reason"],
+        )
+        for row in await connection.fetch(sql_files.query("repair_sessions_stored"))
+    ]
+    edges = [
+        sessions.Event(
+            row["event_id"],
+            row["broadcaster"],
+            row["event_time"],
+            "start" if row["method"] == "broadcastStart" else "stop",
+        )
+        for row in await connection.fetch(sql_files.query("repair_session_edges"))
+    ]
+    wanted = sorted(sessions.repair_marker_times(stored, edges))
+    rows = await connection.fetch(
+        sql_files.query("repair_last_before"), [room for room, _ in wanted], [at for _, at in wanted]
+    )
+    last_before = {(row["room"], row["at"]): row["last_at"] for row in rows}
+    rooms = sorted({room for room, _ in wanted})
+    reports: dict[str, sessions.StatsReport | None] = dict.fromkeys(rooms)
+    for row in await connection.fetch(sql_files.query("repair_room_reports"), rooms):
+        state = sessions.stats_room_state(row["raw_payload"])
+        reports[row["room"]] = sessions.StatsReport(row["captured_at"], state)
+    return sessions.RepairInput(stored, edges, last_before, reports)
+
+
 async def live_session_id(pool: asyncpg.Pool) -> uuid.UUID | None:
     with translate_errors():
         value: uuid.UUID | None = await pool.fetchval(sql_files.query("live_session_id"))

@@ -23,7 +23,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 END_REASONS = ("broadcast_stop", "next_start", "stale", "repair")
 EndReason = Literal["broadcast_stop", "next_start", "stale", "repair"]
@@ -248,3 +248,171 @@ def is_stale(
         if report.state == "online" and now - report.captured_at < stale_after:
             return False
     return quiet >= 2 * stale_after
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A LIVE session as the staleness check reads it."""
+
+    id: uuid.UUID
+    broadcaster: str
+    started_at: dt.datetime
+    last_event_at: dt.datetime | None
+    report: StatsReport | None  # the broadcaster's newest Stats API snapshot, if any
+
+
+def stale_endings(live: Sequence[Live], now: dt.datetime, stale_after: dt.timedelta) -> list[Ended]:
+    """The LIVE sessions the staleness rule ends, each at its last event (its start when it has none)."""
+    endings = []
+    for session in live:
+        last = max(session.started_at, session.last_event_at or session.started_at)
+        if is_stale(last, now, stale_after, session.report):
+            endings.append(Ended(session.id, last, "stale"))
+    return endings
+
+
+# --- repair of data written by earlier versions ----------------------------------------------------------
+
+REPAIR_MARKER = "marker:"  # event ids of the "last event before" markers fed to `decide` by `plan_repair`
+STORED_END = "stored-end:"  # event ids of the stops that stand for an end an earlier version wrote
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A stored session as `sessions repair` reads it."""
+
+    id: uuid.UUID
+    broadcaster: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    status: str
+    end_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """One change of `sessions repair`: a stored session set to these values (`insert`: a new one)."""
+
+    id: uuid.UUID
+    broadcaster: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    end_reason: EndReason | None
+    insert: bool
+    note: str
+
+    @property
+    def status(self) -> str:
+        return "LIVE" if self.ended_at is None else "ENDED"
+
+
+@dataclass(frozen=True, slots=True)
+class RepairInput:
+    """Everything `plan_repair` reads, per the whole database."""
+
+    stored: Sequence[Stored]
+    edges: Sequence[Event]  # the stored broadcastStart/broadcastStop events
+    # (broadcaster, time) -> the newest cb_events interaction of that room strictly before it; the times are
+    # every start (`repair_marker_times`) and `FAR_FUTURE` (the room's newest interaction of all)
+    last_before: Mapping[tuple[str, dt.datetime], dt.datetime | None]
+    reports: Mapping[str, StatsReport | None]  # the newest Stats API report per room
+
+
+FAR_FUTURE = dt.datetime(9999, 1, 1)
+
+
+def repair_marker_times(stored: Sequence[Stored], edges: Sequence[Event]) -> set[tuple[str, dt.datetime]]:
+    """The (room, time) pairs whose "newest interaction before" `plan_repair` needs."""
+    times = {(item.broadcaster, item.started_at) for item in stored}
+    times |= {(edge.broadcaster, edge.at) for edge in edges if edge.kind == "start"}
+    times |= {(room, FAR_FUTURE) for room, _at in list(times)}
+    return times
+
+
+def _timeline(data: RepairInput) -> list[Event]:
+    """The rule events in time order as if delivered in order: the stored start/stop events, each stored
+    session's start, each end an earlier version wrote (never a backwards one), and markers at each room's
+    last interaction before each start (so `next_start` ends land on a real last event)."""
+    events: dict[tuple[str, dt.datetime, str], Event] = {}
+    for edge in data.edges:
+        if edge.kind is not None:
+            events.setdefault((edge.broadcaster, edge.at, edge.kind), edge)
+    for item in data.stored:
+        key = (item.broadcaster, item.started_at, "start")
+        events.setdefault(key, Event(f"stored-start:{item.id}", item.broadcaster, item.started_at, "start"))
+        if item.ended_at is not None and item.ended_at >= item.started_at:
+            stop = Event(f"{STORED_END}{item.id}", item.broadcaster, item.ended_at, "stop")
+            events.setdefault((item.broadcaster, item.ended_at, "stop"), stop)
+    timeline = list(events.values())
+    for (room, at), last in data.last_before.items():
+        if last is not None:
+            timeline.append(Event(f"{REPAIR_MARKER}{room}:{at.isoformat()}", room, last))
+    # Markers first at equal times: the last event before a start or stop belongs to the show it ends.
+    return sorted(timeline, key=lambda item: (item.at, item.kind is not None, item.kind == "start"))
+
+
+def plan_repair(
+    data: RepairInput,
+    now: dt.datetime,
+    stale_after: dt.timedelta,
+    new_id: Callable[[], uuid.UUID] = uuid.uuid4,
+) -> list[Repair]:
+    """The rules applied to a whole stored history: merged shows split at their broadcastStart events, a
+    session left LIVE ended by the next start or by staleness, backwards sessions (ended before they started)
+    rebuilt from the events, ends recorded without a reason given one. Stored sessions are matched by room
+    and start; a changed one is updated, a missing one inserted. Running it on its own output changes nothing.
+    """
+    shows = decide(_timeline(data), [], new_id).opened
+    real_stops = {(edge.broadcaster, edge.at) for edge in data.edges if edge.kind == "stop"}
+    by_start = {(item.broadcaster, item.started_at): item for item in data.stored}
+    changes = []
+    for show in shows:
+        stored = by_start.get((show.broadcaster, show.started_at))
+        ended_at, reason = show.ended_at, show.end_reason
+        if ended_at is None:
+            last = data.last_before.get((show.broadcaster, FAR_FUTURE))
+            last = max(show.started_at, last) if last else show.started_at
+            if is_stale(last, now, stale_after, data.reports.get(show.broadcaster)):
+                ended_at, reason = last, "stale"
+        if reason == "broadcast_stop" and (show.broadcaster, ended_at) not in real_stops:
+            reason = "repair"  # an end an earlier version wrote that no stop event explains: kept
+        if stored is not None and ended_at == stored.ended_at and stored.end_reason is not None:
+            reason = _reason(stored.end_reason)  # an end this version wrote keeps its reason
+        change = _change(stored, show, ended_at, reason)
+        if change is not None:
+            changes.append(change)
+    return changes
+
+
+def _reason(value: str) -> EndReason:
+    if value not in END_REASONS:
+        raise ValueError(f"unknown end reason {value!r}")
+    return cast(EndReason, value)
+
+
+def _change(
+    stored: Stored | None, show: Opened, ended_at: dt.datetime | None, reason: EndReason | None
+) -> Repair | None:
+    if stored is None:
+        note = f"split: the broadcastStart at {show.started_at.isoformat()} opens its own session"
+        return Repair(show.id, show.broadcaster, show.started_at, ended_at, reason, True, note)
+    if (stored.ended_at, stored.end_reason, stored.status) == (ended_at, reason, _status(ended_at)):
+        return None
+    before = stored.ended_at.isoformat() if stored.ended_at else "LIVE"
+    after = ended_at.isoformat() if ended_at else "LIVE"
+    if stored.ended_at is not None and stored.ended_at < stored.started_at:
+        what = "backwards session fixed"
+    elif stored.ended_at is None and reason == "stale":
+        what = "stale session ended"
+    elif stored.ended_at == ended_at:
+        what = "end reason recorded"
+    elif reason == "next_start":
+        what = "merged show split"
+    else:
+        what = "end corrected"
+    note = f"{what}: ended {before} -> {after} ({reason or 'LIVE'})"
+    return Repair(stored.id, stored.broadcaster, stored.started_at, ended_at, reason, False, note)
+
+
+def _status(ended_at: dt.datetime | None) -> str:
+    return "LIVE" if ended_at is None else "ENDED"

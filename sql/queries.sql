@@ -281,6 +281,86 @@ FROM snapshot_deltas
 WHERE person_id = $1 AND ($2::text IS NULL OR source = $2)
 ORDER BY source, captured_at;
 
+-- name: live_sessions_for_staleness
+-- Every LIVE session with its newest linked event and the newest Stats API snapshot of its broadcaster (by
+-- original username or current alias): what the staleness rule reads. Runs once a minute, off the hot path.
+SELECT s.id, s.broadcaster, s.started_at,
+  (SELECT max(i.timestamp) FROM interactions i WHERE i.stream_session_id = s.id) AS last_event_at,
+  report.captured_at AS report_at, report.raw_payload AS report
+FROM stream_sessions s
+LEFT JOIN LATERAL (
+  SELECT sn.captured_at, sn.raw_payload FROM snapshots sn
+  JOIN persons p ON p.id = sn.person_id
+  WHERE sn.source = 'cb_stats' AND p.platform = s.platform AND (p.username = s.broadcaster OR EXISTS (
+    SELECT 1 FROM person_aliases a
+    WHERE a.person_id = p.id AND a.alias = s.broadcaster AND a.valid_to IS NULL
+  ))
+  ORDER BY sn.captured_at DESC LIMIT 1
+) report ON true
+WHERE s.status = 'LIVE';
+
+-- name: end_stale_sessions
+-- The staleness rule's ends ($1 ids, $2 times = each one's last event, read a moment before). A session that
+-- meanwhile got a newer event (the writer committed in between) or is no longer LIVE is left alone.
+UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, end_reason = 'stale', updated_at = NOW()
+FROM unnest($1::uuid[], $2::timestamp[]) AS e(id, ended_at)
+WHERE s.id = e.id AND s.status = 'LIVE'
+  AND NOT EXISTS (SELECT 1 FROM interactions i WHERE i.stream_session_id = s.id AND i.timestamp > e.ended_at)
+RETURNING s.id;
+
+-- name: repair_sessions_stored
+-- `sessions repair`: every stored session, locked for the repair's transaction.
+SELECT id, broadcaster, started_at, ended_at, status, end_reason FROM stream_sessions
+ORDER BY broadcaster, started_at, id
+FOR UPDATE;
+
+-- name: repair_session_edges
+-- `sessions repair`: every stored broadcastStart/broadcastStop event.
+SELECT event_id, method, broadcaster, event_time FROM events
+WHERE method IN ('broadcastStart', 'broadcastStop')
+ORDER BY event_time, event_id;
+
+-- name: repair_last_before
+-- `sessions repair`: per (room $1, time $2), the newest cb_events interaction of that room strictly before it.
+SELECT m.room, m.at,
+  (SELECT max(i.timestamp) FROM interactions i
+   WHERE i.source = 'cb_events' AND i.metadata->>'broadcaster' = m.room AND i.timestamp < m.at) AS last_at
+FROM unnest($1::text[], $2::timestamp[]) AS m(room, at);
+
+-- name: repair_room_reports
+-- `sessions repair`: the newest Stats API snapshot of each room $1 (by original username or current alias).
+SELECT r.room, report.captured_at, report.raw_payload
+FROM unnest($1::text[]) AS r(room)
+JOIN LATERAL (
+  SELECT sn.captured_at, sn.raw_payload FROM snapshots sn
+  JOIN persons p ON p.id = sn.person_id
+  WHERE sn.source = 'cb_stats' AND (p.username = r.room OR EXISTS (
+    SELECT 1 FROM person_aliases a WHERE a.person_id = p.id AND a.alias = r.room AND a.valid_to IS NULL
+  ))
+  ORDER BY sn.captured_at DESC LIMIT 1
+) report ON true;
+
+-- name: repair_update_session
+UPDATE stream_sessions SET ended_at = $2, end_reason = $3, status = $4, updated_at = NOW() WHERE id = $1;
+
+-- name: repair_relink
+-- `sessions repair`: every cb_events interaction moved to the session whose span contains its time (the
+-- latest-starting one when spans overlap, none when none does); returns each move.
+WITH target AS (
+  SELECT i.id, i.stream_session_id AS old_id, (
+    SELECT s.id FROM stream_sessions s
+    WHERE s.broadcaster = i.metadata->>'broadcaster' AND s.started_at <= i.timestamp
+      AND (s.ended_at IS NULL OR i.timestamp <= s.ended_at)
+    ORDER BY s.started_at DESC LIMIT 1
+  ) AS new_id
+  FROM interactions i
+  WHERE i.source = 'cb_events'
+)
+UPDATE interactions i SET stream_session_id = t.new_id
+FROM target t
+WHERE i.id = t.id AND t.old_id IS DISTINCT FROM t.new_id
+RETURNING t.old_id, t.new_id;
+
 -- name: live_session_id
 SELECT id FROM stream_sessions WHERE status = 'LIVE' ORDER BY started_at DESC LIMIT 1;
 
