@@ -394,7 +394,8 @@ def _change(
     stored: Stored | None, show: Opened, ended_at: dt.datetime | None, reason: EndReason | None
 ) -> Repair | None:
     if stored is None:
-        note = f"split: the broadcastStart at {show.started_at.isoformat()} opens its own session"
+        end = f"ended {ended_at.isoformat()} ({reason})" if ended_at else "LIVE"
+        note = f"split: the broadcastStart at {show.started_at.isoformat()} opens its own session, {end}"
         return Repair(show.id, show.broadcaster, show.started_at, ended_at, reason, True, note)
     if (stored.ended_at, stored.end_reason, stored.status) == (ended_at, reason, _status(ended_at)):
         return None
