@@ -264,7 +264,7 @@ class WriteResult:
     quarantined: int  # new quarantine rows (a bad event delivered again adds none)
     sessions_opened: int
     sessions_closed: int
-    orphan_stops: int  # broadcastStop events with no LIVE session to end: logged, counted, not an error
+    orphan_stops: int  # broadcastStop events with no session before or after them: logged, not an error
     unknown_methods: int  # new events of a method this version does not map
     newest_event_time: dt.datetime | None  # naive UTC server time of the newest new event
     new_by_method: dict[str, int] = field(default_factory=dict)  # new events per method (metrics, reports)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import itertools
+import random
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -684,11 +685,13 @@ async def run_session_staleness(
     clock: Callable[[], dt.datetime] = db.utc_now,
     monotonic: Callable[[], float] = time.monotonic,
     period: float = STALENESS_CHECK_SECONDS,
+    jitter_seconds: float = 1.0,
 ) -> None:
-    """The staleness task: a check at once (start-up), then one every `period` seconds of the monotonic
-    clock until `stop`. A database outage skips a check; the next one comes a period later."""
+    """The staleness task: a check at once (start-up), then one every `period` seconds (plus up to
+    `jitter_seconds`) of the monotonic clock until `stop`. A database outage skips a check; the next one comes
+    a period later."""
     while not stop.is_set():
-        due = monotonic() + period
+        due = monotonic() + period + random.uniform(0, jitter_seconds)  # noqa: S311  # timing, not a secret
         try:
             if await check_session_staleness(pool, now=clock(), stale_after=stale_after):
                 live = await db.live_session_id(pool)
