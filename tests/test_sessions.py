@@ -247,7 +247,7 @@ async def test_a_stale_live_session_is_ended_by_the_staleness_rule(pool: asyncpg
     assert [entry["event"] for entry in captured] == ["session_ended_stale"]
 
 
-async def test_without_a_stats_report_staleness_waits_twice_as_long_and_checks_at_start_up(
+async def test_without_a_stats_report_staleness_waits_twice_as_long_and_checks_periodically(
     pool: asyncpg.Pool,
 ) -> None:
     await _write(pool, [sample.start(0), sample.chat(60_000, "bob")])
@@ -260,7 +260,7 @@ async def test_without_a_stats_report_staleness_waits_twice_as_long_and_checks_a
     def clock() -> dt.datetime:
         return clock_values[min(next(ticks), len(clock_values) - 1)]
 
-    # Start-up: the first check runs at once. The period is the monotonic clock's: 0.05 s here.
+    # The first check (at start-up, 59 min) leaves it; a later one (61 min), 0.05 s apart, ends it.
     task = asyncio.create_task(
         supervisor.run_session_staleness(
             pool, state, stop, stale_after=STALE, clock=clock, period=0.05, jitter_seconds=0
@@ -275,6 +275,29 @@ async def test_without_a_stats_report_staleness_waits_twice_as_long_and_checks_a
     (session,) = await _sessions(pool)
     assert (session["status"], session["ended_at"], session["end_reason"]) == ("ENDED", last, "stale")
     assert next(ticks) >= 2, "not ended by the first check (59 min), ended by a later one (61 min)"
+    assert state.live_session_id is None
+
+
+async def test_the_staleness_task_ends_a_session_already_stale_at_start_up(pool: asyncpg.Pool) -> None:
+    await _write(pool, [sample.start(0), sample.chat(60_000, "bob")])
+    last = sample.at(60_000)
+    state, stop = runtime_state.RuntimeState(live_session_id="x"), asyncio.Event()
+    # An hour between checks: only the check at start-up can end it within this test.
+    task = asyncio.create_task(
+        supervisor.run_session_staleness(
+            pool, state, stop, stale_after=STALE, clock=lambda: last + 2 * STALE, period=3600
+        )
+    )
+    try:
+        for _ in range(100):
+            if (await _sessions(pool))[0]["status"] == "ENDED":
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+    (session,) = await _sessions(pool)
+    assert (session["status"], session["ended_at"], session["end_reason"]) == ("ENDED", last, "stale")
     assert state.live_session_id is None
 
 
