@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import hypothesis
 import structlog
+from hypothesis import strategies as st
 
 from daemon import db, metrics, runtime_state, sessions, supervisor
 from tests import event_samples as sample
@@ -127,6 +129,37 @@ def test_the_staleness_rule() -> None:
     assert sessions.is_stale(last, _at(90), STALE, online), "online, but the report is old too"
     before_last = sessions.StatsReport(_at(-1), "offline")
     assert not sessions.is_stale(last, _at(40), STALE, before_last), "a report older than the last event"
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    kinds=st.lists(st.sampled_from([None, None, None, "start", "stop"]), max_size=40),
+    gaps=st.lists(st.integers(min_value=0, max_value=90), min_size=40, max_size=40),
+    live_from=st.one_of(st.none(), st.integers(min_value=-50, max_value=50)),
+)
+def test_in_order_feeds_keep_the_session_invariants(
+    kinds: list[sessions.Kind], gaps: list[int], live_from: int | None
+) -> None:
+    """Whatever an in-order feed holds: every link's session contains the event's time, no session ends
+    before it starts, at most one session per room stays LIVE, and every stop is used or recorded."""
+    moments = list(itertools.accumulate(gaps[: len(kinds)]))
+    events = [_event(minute, kind) for minute, kind in zip(moments, kinds, strict=True)]
+    known = [] if live_from is None else [sessions.Known(uuid.UUID(int=0), ROOM, _at(live_from), None)]
+    out = sessions.decide(events, known, _ids())
+    spans = {item.id: (item.started_at, item.ended_at) for item in out.opened}
+    ends = {item.id: item.ended_at for item in out.ended}
+    for item in known:
+        spans[item.id] = (item.started_at, ends.get(item.id))
+    for event, link in zip(events, out.links, strict=True):
+        if link is not None:
+            started, ended = spans[link]
+            assert started <= event.at and (ended is None or event.at <= ended)
+    assert all(ended is None or started <= ended for started, ended in spans.values())
+    assert sum(1 for _started, ended in spans.values() if ended is None) <= 1
+    stops = sum(1 for kind in kinds if kind == "stop")
+    reasons = [item.end_reason for item in out.opened] + [item.end_reason for item in out.ended]
+    used = reasons.count("broadcast_stop")
+    assert used + len(out.ignored_stops) == stops
 
 
 # --- the writer -------------------------------------------------------------------------------------------
