@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 import uuid
@@ -254,10 +255,6 @@ async def _list_sessions(settings: config.Settings, args: argparse.Namespace) ->
     return 0
 
 
-# Actions of `mhc-daemon sessions`; the listing is the default when none is named.
-SESSION_ACTIONS: dict[str, Handler] = {"list": _list_sessions}
-
-
 def _add_report_commands(commands: Any) -> None:
     gaps = commands.add_parser("gaps", help="list the recorded gaps of the event feed, newest first")
     gaps.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -265,12 +262,15 @@ def _add_report_commands(commands: Any) -> None:
     gaps.set_defaults(handler=_gaps)
 
     sessions = commands.add_parser(
-        "sessions", help="show summaries: tips, visitors, follows, top tippers, token balance change"
+        "sessions",
+        help="show summaries (tips, visitors, follows, top tippers, token balance change); "
+        "`sessions repair` applies the session rules to older data",
     )
     sessions.add_argument("action", nargs="?", choices=list(SESSION_ACTIONS), default="list")
     sessions.add_argument("--last", type=int, default=10, metavar="N", help="the newest N sessions (10)")
     sessions.add_argument("--json", action="store_true", help="JSON instead of text")
     sessions.add_argument("--include-excluded", action="store_true", help="count excluded persons too")
+    sessions.add_argument("--dry-run", action="store_true", help="repair: print the changes, make none")
     sessions.set_defaults(handler=_run_session_action)
 
     deltas = commands.add_parser("deltas", help="print the deltas between a person's consecutive snapshots")
@@ -291,3 +291,17 @@ def _add_report_commands(commands: Any) -> None:
     stats.add_argument("--limit", type=int, default=10, metavar="N", help="rows per ranking (default 10)")
     stats.add_argument("--json", action="store_true", help="JSON instead of tables")
     stats.set_defaults(handler=_stats)
+
+
+async def _repair_sessions(settings: config.Settings, args: argparse.Namespace) -> int:
+    stale_after = dt.timedelta(minutes=settings.session_stale_minutes)
+    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+        outcome = await db.repair_sessions(
+            pool, now=db.utc_now(), stale_after=stale_after, dry_run=args.dry_run
+        )
+    print(reports.render_repair(outcome))
+    return 0
+
+
+# Actions of `mhc-daemon sessions`; the listing is the default when none is named.
+SESSION_ACTIONS: dict[str, Handler] = {"list": _list_sessions, "repair": _repair_sessions}

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     statbate_requests_per_minute: int = Field(default=60, ge=1, le=119)
     member_snapshot_ttl_hours: float = Field(default=24.0, gt=0, le=24 * 365)
 
+    # Stream sessions: a LIVE session this long without an event, while the Stats API says the room is
+    # offline (twice this long without a Stats report), is ended at its last event
+    session_stale_minutes: float = Field(default=30.0, gt=0, le=7 * 24 * 60)
+
     # Every API answer: its body at most this many bytes, on the wire and decompressed
     api_max_body_bytes: int = Field(default=DEFAULT_API_MAX_BODY_BYTES, ge=64 * 1024, le=64 * 1024 * 1024)
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from daemon import errors, ingest, logs, metrics, migrations, sql_files
+from daemon import errors, ingest, logs, metrics, migrations, sessions, sql_files
 
 PLATFORM = "chaturbate"
 # The seed's exclusion rule: these people are excluded from every aggregate from the moment they are created.
@@ -264,11 +264,12 @@ class WriteResult:
     quarantined: int  # new quarantine rows (a bad event delivered again adds none)
     sessions_opened: int
     sessions_closed: int
-    orphan_stops: int  # broadcastStop events with no LIVE session to end: logged, counted, not an error
+    orphan_stops: int  # broadcastStop events with no session before or after them: logged, not an error
     unknown_methods: int  # new events of a method this version does not map
     newest_event_time: dt.datetime | None  # naive UTC server time of the newest new event
     new_by_method: dict[str, int] = field(default_factory=dict)  # new events per method (metrics, reports)
     gaps: list[ingest.Gap] = field(default_factory=list)  # gaps recorded by this transaction (not repeats)
+    stale_stops: int = 0  # broadcastStop events older than the session they met: logged, counted, no change
 
 
 def combined(first: WriteResult, second: WriteResult) -> WriteResult:
@@ -288,6 +289,7 @@ def combined(first: WriteResult, second: WriteResult) -> WriteResult:
             collections.Counter(first.new_by_method) + collections.Counter(second.new_by_method)
         ),
         gaps=first.gaps + second.gaps,
+        stale_stops=first.stale_stops + second.stale_stops,
     )
 
 
@@ -385,51 +387,6 @@ async def load_cursor(pool: asyncpg.Pool, broadcaster: str) -> Cursor | None:
     return Cursor(row["broadcaster"], row["last_event_id"], row["timeout_seconds"])
 
 
-@dataclass
-class _Live:
-    id: uuid.UUID
-    started_at: dt.datetime
-    opened_here: bool
-
-
-@dataclass
-class _Sessions:
-    """Stream-session state while a batch is walked in event order, and the writes it leads to."""
-
-    live: dict[str, _Live]
-    opened: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # id -> [broadcaster, started, ended]
-    ended: dict[uuid.UUID, dt.datetime] = field(default_factory=dict)  # sessions that were live before
-    orphan_stops: int = 0
-    closed: int = 0
-    interactions: int = 0
-
-    def apply(self, change: ingest.SessionChange) -> None:
-        current = self.live.get(change.broadcaster)
-        if change.kind == "start":
-            if current is None:  # a start while live opens nothing: the show goes on
-                session_id = uuid.uuid4()
-                self.live[change.broadcaster] = _Live(session_id, change.at, opened_here=True)
-                self.opened[session_id] = [change.broadcaster, change.at, None]
-            return
-        if current is None:
-            self.orphan_stops += 1
-            log.warning(
-                "broadcast_stop_without_session", broadcaster=change.broadcaster, event_id=change.event_id
-            )
-            return
-        del self.live[change.broadcaster]
-        self.closed += 1
-        if current.opened_here:
-            self.opened[current.id][2] = change.at
-        else:
-            self.ended[current.id] = change.at
-
-    def link(self, broadcaster: str, at: dt.datetime) -> uuid.UUID | None:
-        """The session live for `broadcaster` at this point of the stream, if `at` is not before its start."""
-        current = self.live.get(broadcaster)
-        return current.id if current is not None and at >= current.started_at else None
-
-
 # The unique indexes a repeated event violates on the writer's fast path (see write_batch).
 _REPEAT_GUARDS = frozenset({"events_pkey", "uq_interactions_cb_event"})
 
@@ -469,63 +426,105 @@ async def _insert_events(
     return fresh
 
 
+@dataclass(frozen=True)
+class _Derived:
+    """What `_derive` wrote: the interactions and the session decisions it applied."""
+
+    interactions: int = 0
+    decisions: sessions.Decisions = field(default_factory=sessions.Decisions)
+
+
 async def _derive(
     connection: Connection, batch: ingest.Batch, fresh: list[ingest.StoredEvent], guarded: bool
-) -> _Sessions:
-    """Persons, sessions and interactions of the new events, in event order."""
+) -> _Derived:
+    """Persons, sessions and interactions of the new events, in event order. Which session each event
+    belongs to, and which sessions open and end, is `sessions.decide`'s; this applies it."""
     rows = _first_by_event(batch.interactions)
     changes = _first_by_event(batch.session_changes)
     mapped = [event for event in fresh if event.event_id in rows]
     if not mapped:
-        return _Sessions(live={})
+        return _Derived()
     sightings: dict[str, _Sighting] = {}
     for event in mapped:
         row = rows[event.event_id]
         _see(sightings, row.username, row.role, row.timestamp)
     rooms = list({event.broadcaster for event in mapped})
-    context = await connection.fetch(sql_files.query("batch_context"), list(sightings), PLATFORM, rooms)
+    times = [rows[event.event_id].timestamp for event in mapped]
+    context = await connection.fetch(
+        sql_files.query("batch_context"),
+        list(sightings),
+        PLATFORM,
+        rooms,
+        min(times),
+        max(times),
+        any(change.kind == "start" for change in changes.values()),
+    )
     aliases = [row for row in context if row["kind"] == "alias"]
     people = await _find_or_create_many(connection, sightings, PLATFORM, aliases)
-    live = {row["name"]: _Live(row["id"], row["at"], False) for row in context if row["kind"] == "live"}
-    sessions = _Sessions(live=live)
-    person_ids: list[uuid.UUID] = []
-    session_ids: list[uuid.UUID | None] = []
-    for event in mapped:
-        row = rows[event.event_id]
-        change = changes.get(event.event_id)
-        if change is not None and change.kind == "start":
-            sessions.apply(change)
-        person_ids.append(people[row.username].id)
-        session_ids.append(sessions.link(event.broadcaster, row.timestamp))
-        if change is not None and change.kind == "stop":
-            sessions.apply(change)  # the stop itself still belongs to the show it ends
-    if sessions.ended:
-        await connection.execute(
-            sql_files.query("end_sessions"), list(sessions.ended), list(sessions.ended.values())
+    known = [
+        sessions.Known(row["id"], row["name"], row["at"], row["ended_at"], row["last_at"])
+        for row in context
+        if row["kind"] == "session"
+    ]
+    walked = [
+        sessions.Event(
+            event.event_id,
+            event.broadcaster,
+            rows[event.event_id].timestamp,
+            cast(sessions.Kind, change.kind) if (change := changes.get(event.event_id)) else None,
         )
-    if sessions.opened:
-        opened = list(sessions.opened.values())
-        await connection.execute(
-            sql_files.query("insert_sessions"),
-            PLATFORM,
-            list(sessions.opened),
-            [item[0] for item in opened],
-            [item[1] for item in opened],
-            [item[2] for item in opened],
-        )
+        for event in mapped
+    ]
+    decisions = sessions.decide(walked, known)
+    await _apply_sessions(connection, decisions)
     interactions = [rows[event.event_id] for event in mapped]
     status = await connection.execute(
         sql_files.query("insert_interactions" if guarded else "insert_new_interactions"),
         ingest.SOURCE,
-        person_ids,
-        session_ids,
+        [people[row.username].id for row in interactions],
+        decisions.links,
         [row.type for row in interactions],
         [row.content for row in interactions],
         [row.timestamp for row in interactions],
         [row.metadata_json for row in interactions],
     )
-    sessions.interactions = _row_count(status)
-    return sessions
+    return _Derived(_row_count(status), decisions)
+
+
+async def _apply_sessions(connection: Connection, decisions: sessions.Decisions) -> None:
+    """End, then open (a new LIVE session may replace the one it ends: one LIVE per room), then log."""
+    if decisions.ended:
+        ended = decisions.ended
+        await connection.execute(
+            sql_files.query("end_sessions"),
+            [item.id for item in ended],
+            [item.ended_at for item in ended],
+            [item.end_reason for item in ended],
+        )
+    if decisions.opened:
+        opened = decisions.opened
+        await connection.execute(
+            sql_files.query("insert_sessions"),
+            PLATFORM,
+            [item.id for item in opened],
+            [item.broadcaster for item in opened],
+            [item.started_at for item in opened],
+            [item.ended_at for item in opened],
+            [item.end_reason for item in opened],
+        )
+    for stop in decisions.ignored_stops:
+        if stop.why == "orphan":
+            log.warning(
+                "broadcast_stop_without_session", broadcaster=stop.broadcaster, event_id=stop.event_id
+            )
+        else:
+            log.warning(
+                "broadcast_stop_stale",
+                broadcaster=stop.broadcaster,
+                event_id=stop.event_id,
+                stop_at=stop.at.isoformat(),
+                session_started_at=stop.session_started_at.isoformat() if stop.session_started_at else None,
+            )
 
 
 def _row_count(status: str) -> int:
@@ -549,7 +548,8 @@ async def _write(
             timeout_seconds,
         )
     gaps = await _insert_gaps(connection, batch.gaps) if batch.gaps else []
-    sessions = await _derive(connection, batch, fresh, guarded)
+    derived = await _derive(connection, batch, fresh, guarded)
+    decisions = derived.decisions
     quarantined = 0
     if batch.quarantined:
         items = batch.quarantined
@@ -565,15 +565,16 @@ async def _write(
     return WriteResult(
         new_events=len(fresh),
         duplicates=len(batch.events) - len(fresh),
-        interactions=sessions.interactions,
+        interactions=derived.interactions,
         quarantined=quarantined,
-        sessions_opened=len(sessions.opened),
-        sessions_closed=sessions.closed,
-        orphan_stops=sessions.orphan_stops,
+        sessions_opened=len(decisions.opened),
+        sessions_closed=len(decisions.ended) + sum(1 for item in decisions.opened if item.ended_at),
+        orphan_stops=len(decisions.orphan_stops),
         unknown_methods=sum(1 for event in fresh if event.method not in ingest.KNOWN_METHODS),
         newest_event_time=max((event.event_time for event in fresh), default=None),
         new_by_method=dict(collections.Counter(event.method for event in fresh)),
         gaps=gaps,
+        stale_stops=len(decisions.stale_stops),
     )
 
 
@@ -664,6 +665,7 @@ def _count(result: WriteResult) -> None:
     if result.gaps:
         metrics.INGEST_GAPS.inc(len(result.gaps))
         metrics.ROWS.labels(table="ingest_gaps").inc(len(result.gaps))
+    metrics.STALE_STOPS.inc(result.stale_stops)
     if result.newest_event_time is not None:
         metrics.INGEST_LAG.set((utc_now() - result.newest_event_time).total_seconds())
 
@@ -905,6 +907,123 @@ async def snapshot_deltas(
         )
         for row in rows
     ]
+
+
+async def live_sessions(pool: asyncpg.Pool) -> list[sessions.Live]:
+    """Every LIVE session with its last event and its broadcaster's newest Stats API report."""
+    with translate_errors():
+        rows = await pool.fetch(sql_files.query("live_sessions_for_staleness"))
+    return [
+        sessions.Live(
+            id=row["id"],
+            broadcaster=row["broadcaster"],
+            started_at=row["started_at"],
+            last_event_at=row["last_event_at"],
+            report=sessions.StatsReport(row["report_at"], sessions.stats_room_state(row["report"]))
+            if row["report_at"] is not None
+            else None,
+        )
+        for row in rows
+    ]
+
+
+async def end_stale_sessions(pool: asyncpg.Pool, endings: list[sessions.Ended]) -> list[uuid.UUID]:
+    """End these LIVE sessions as stale, each unless it got a newer event meanwhile; the ids ended."""
+    if not endings:
+        return []
+    with translate_errors():
+        rows = await pool.fetch(
+            sql_files.query("end_stale_sessions"),
+            [item.id for item in endings],
+            [item.ended_at for item in endings],
+        )
+    return [row["id"] for row in rows]
+
+
+@dataclass(frozen=True)
+class RepairOutcome:
+    changes: list[sessions.Repair]
+    relinked: dict[tuple[uuid.UUID | None, uuid.UUID | None], int]  # (from, to) session -> interactions
+    applied: bool  # False for a dry run: the same transaction, rolled back
+
+
+class _DryRun(Exception):  # rolls the repair's transaction back after it ran
+    pass
+
+
+async def repair_sessions(
+    pool: asyncpg.Pool, *, now: dt.datetime, stale_after: dt.timedelta, dry_run: bool
+) -> RepairOutcome:
+    """`sessions repair`: in one transaction, read the stored sessions, start/stop events, last events and
+    Stats reports, apply `sessions.plan_repair`'s changes and relink every cb_events interaction to the
+    session containing it. A dry run does all of it and rolls back: it reports exactly what would change."""
+    outcome: RepairOutcome | None = None
+    with translate_errors(), contextlib.suppress(_DryRun):
+        async with pool.acquire() as connection, connection.transaction():
+            data = await _repair_input(connection)
+            changes = sessions.plan_repair(data, utc_naive(now), stale_after)
+            # Ends first, then LIVE rows: one LIVE session per room at every step.
+            for change in sorted(changes, key=lambda item: (item.insert, item.ended_at is None)):
+                if change.insert:
+                    await connection.execute(
+                        sql_files.query("insert_sessions"),
+                        PLATFORM,
+                        [change.id],
+                        [change.broadcaster],
+                        [change.started_at],
+                        [change.ended_at],
+                        [change.end_reason],
+                    )
+                else:
+                    await connection.execute(
+                        sql_files.query("repair_update_session"),
+                        change.id,
+                        change.ended_at,
+                        change.end_reason,
+                        change.status,
+                    )
+            moves = await connection.fetch(sql_files.query("repair_relink"))
+            relinked = collections.Counter((row["old_id"], row["new_id"]) for row in moves)
+            outcome = RepairOutcome(changes, dict(relinked), applied=not dry_run)
+            if dry_run:
+                raise _DryRun
+    if outcome is None:
+        raise errors.StorageError("the session repair ended without an outcome")
+    return outcome
+
+
+async def _repair_input(connection: Connection) -> sessions.RepairInput:
+    stored = [
+        sessions.Stored(
+            row["id"],
+            row["broadcaster"],
+            row["started_at"],
+            row["ended_at"],
+            row["status"],
+            row["end_reason"],
+        )
+        for row in await connection.fetch(sql_files.query("repair_sessions_stored"))
+    ]
+    edges = [
+        sessions.Event(
+            row["event_id"],
+            row["broadcaster"],
+            row["event_time"],
+            "start" if row["method"] == "broadcastStart" else "stop",
+        )
+        for row in await connection.fetch(sql_files.query("repair_session_edges"))
+    ]
+    wanted = sorted(sessions.repair_marker_times(stored, edges))
+    rows = await connection.fetch(
+        sql_files.query("repair_last_before"), [room for room, _ in wanted], [at for _, at in wanted]
+    )
+    last_before = {(row["room"], row["at"]): row["last_at"] for row in rows}
+    rooms = sorted({room for room, _ in wanted})
+    reports: dict[str, sessions.StatsReport | None] = dict.fromkeys(rooms)
+    for row in await connection.fetch(sql_files.query("repair_room_reports"), rooms):
+        state = sessions.stats_room_state(row["raw_payload"])
+        reports[row["room"]] = sessions.StatsReport(row["captured_at"], state)
+    return sessions.RepairInput(stored, edges, last_before, reports)
 
 
 async def live_session_id(pool: asyncpg.Pool) -> uuid.UUID | None:

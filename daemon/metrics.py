@@ -19,6 +19,11 @@ INGEST_GAPS = Counter(
     "Stretches of the feed the read position moved over without their events (ingest_gaps rows).",
     registry=REGISTRY,
 )
+STALE_STOPS = Counter(
+    "mhc_broadcast_stops_stale_total",
+    "broadcastStop events older than the session they met (a replay, a late re-delivery): no change made.",
+    registry=REGISTRY,
+)
 ROWS = Counter("mhc_rows_written_total", "Rows written, by table.", ["table"], registry=REGISTRY)
 API_REQUESTS = Counter(
     "mhc_api_requests_total",

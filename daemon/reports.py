@@ -270,3 +270,25 @@ def render_sessions(summaries: list[db.SessionSummary], *, include_excluded: boo
     if not include_excluded:
         parts.append("Excluded persons are left out (--include-excluded to count them).")
     return "\n\n".join(parts)
+
+
+def render_repair(outcome: db.RepairOutcome) -> str:
+    """`sessions repair`'s report: one line per session changed, one per group of interactions relinked."""
+    lines = [
+        f"{change.broadcaster} session {change.id} started {change.started_at.isoformat()}: {change.note}"
+        for change in outcome.changes
+    ]
+    for (before, after), count in sorted(
+        outcome.relinked.items(), key=lambda item: (str(item[0][0]), str(item[0][1]))
+    ):
+        lines.append(f"relinked {count} interactions: session {before or 'none'} -> {after or 'none'}")
+    if not lines:
+        lines.append("sessions repair: nothing to change")
+    elif not outcome.applied:
+        lines.append("dry run: nothing was changed")
+    else:
+        moved = sum(outcome.relinked.values())
+        lines.append(
+            f"sessions repair: {len(outcome.changes)} sessions changed, {moved} interactions relinked"
+        )
+    return "\n".join(lines)

@@ -20,7 +20,9 @@ import contextlib
 import dataclasses
 import datetime as dt
 import itertools
+import random
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -43,6 +45,7 @@ from daemon import (
     migrations,
     position_file,
     runtime_state,
+    sessions,
     snapshots,
     spool,
     systemd,
@@ -59,6 +62,7 @@ HANDOFF_PAGES = 20  # pages fetched ahead of the writer; bounded so a stalled da
 MERGE_EVENTS = 2000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
+STALENESS_CHECK_SECONDS = 60.0  # the staleness rule counts in minutes (MHC_SESSION_STALE_MINUTES)
 # Between attempts to reach or write to the database: from half a second, doubling, up to 30 s.
 STORAGE_BACKOFF = waits.Backoff(0.5, 30.0)
 # Before it falls back to the position saved on disk, the poller gives a starting database this long.
@@ -261,6 +265,14 @@ class Supervisor:
                     pool, self.state, self.stop, interval=DATABASE_CHECK_SECONDS
                 ),
                 "summary": lambda: logs.run_summary(self.state, self.stop, interval=SUMMARY_SECONDS),
+                "session_staleness": lambda: self._when_database_ready(
+                    run_session_staleness(
+                        pool,
+                        self.state,
+                        self.stop,
+                        stale_after=dt.timedelta(minutes=settings.session_stale_minutes),
+                    )
+                ),
                 "snapshot_scheduler": lambda: self._when_database_ready(
                     snapshots.run_scheduler(
                         pool=pool,
@@ -655,6 +667,50 @@ class Supervisor:
         if changed:
             log.info("tokens_reloaded", tokens_changed=changed)
         return "cb_events_token" in changed
+
+
+async def check_session_staleness(
+    pool: db.Pool, *, now: dt.datetime, stale_after: dt.timedelta
+) -> list[sessions.Ended]:
+    """Apply the staleness rule once (`now`: naive UTC wall clock, compared with stored times only); the
+    sessions it ended, each logged."""
+    endings = sessions.stale_endings(await db.live_sessions(pool), now, stale_after)
+    ended = set(await db.end_stale_sessions(pool, endings))
+    done = [item for item in endings if item.id in ended]
+    for item in done:
+        log.warning(
+            "session_ended_stale",
+            session_id=str(item.id),
+            ended_at=item.ended_at.isoformat(),
+            quiet_minutes=round((now - item.ended_at).total_seconds() / 60, 1),
+        )
+    return done
+
+
+async def run_session_staleness(
+    pool: db.Pool,
+    state: runtime_state.RuntimeState,
+    stop: asyncio.Event,
+    *,
+    stale_after: dt.timedelta,
+    clock: Callable[[], dt.datetime] = db.utc_now,
+    monotonic: Callable[[], float] = time.monotonic,
+    period: float = STALENESS_CHECK_SECONDS,
+    jitter_seconds: float = 1.0,
+) -> None:
+    """The staleness task: a check at once (start-up), then one every `period` seconds (plus up to
+    `jitter_seconds`) of the monotonic clock until `stop`. A database outage skips a check; the next one comes
+    a period later."""
+    while not stop.is_set():
+        due = monotonic() + period + random.uniform(0, jitter_seconds)  # noqa: S311  # timing, not a secret
+        try:
+            if await check_session_staleness(pool, now=clock(), stale_after=stale_after):
+                live = await db.live_session_id(pool)
+                state.live_session_id = str(live) if live else None
+        except errors.DatabaseUnavailable as error:
+            log.warning("session_staleness_check_skipped", error=logs.mask(str(error)))
+        if await waits.wait_for_stop(stop, max(0.0, due - monotonic())):
+            return
 
 
 class _Stopping(Exception):  # a signal between our own functions, not an error

@@ -120,14 +120,18 @@ WITH upserted AS (
 SELECT * FROM upserted;
 
 -- name: end_sessions
-UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, updated_at = NOW()
-FROM unnest($1::uuid[], $2::timestamp[]) AS e(id, ended_at)
-WHERE s.id = e.id;
+-- Sessions the session rules end ($1 ids, $2 times, $3 reasons). Only a LIVE row is ended: a row another
+-- writer (the staleness task, a repair) ended meanwhile keeps its end.
+UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, end_reason = e.reason, updated_at = NOW()
+FROM unnest($1::uuid[], $2::timestamp[], $3::text[]) AS e(id, ended_at, reason)
+WHERE s.id = e.id AND s.status = 'LIVE';
 
 -- name: insert_sessions
-INSERT INTO stream_sessions (id, platform, broadcaster, started_at, ended_at, status)
-SELECT s.id, $1, s.broadcaster, s.started_at, s.ended_at, CASE WHEN s.ended_at IS NULL THEN 'LIVE' ELSE 'ENDED' END
-FROM unnest($2::uuid[], $3::text[], $4::timestamp[], $5::timestamp[]) AS s(id, broadcaster, started_at, ended_at);
+INSERT INTO stream_sessions (id, platform, broadcaster, started_at, ended_at, status, end_reason)
+SELECT s.id, $1, s.broadcaster, s.started_at, s.ended_at,
+  CASE WHEN s.ended_at IS NULL THEN 'LIVE' ELSE 'ENDED' END, s.reason
+FROM unnest($2::uuid[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
+  AS s(id, broadcaster, started_at, ended_at, reason);
 
 -- name: insert_new_interactions
 -- The rows of events new in this transaction, on the fast path (see insert_new_events): a second row for an
@@ -167,15 +171,29 @@ ON CONFLICT (fingerprint) DO NOTHING;
 
 -- name: batch_context
 -- What the events writer must know before it writes a batch's rows, in one round trip: the current aliases
--- among its names ($1, platform $2; kind 'alias', like resolve_aliases) and the LIVE sessions of its rooms
--- ($3; kind 'live', name = broadcaster, at = started_at).
-SELECT 'alias' AS kind, a.alias AS name, a.person_id AS id, a.valid_from AS at
+-- among its names ($1, platform $2; kind 'alias', like resolve_aliases) and the sessions of its rooms ($3) the
+-- session rules need (kind 'session', name = broadcaster, at = started_at): the LIVE ones, those whose span
+-- overlaps the batch's times [$4, $5], and the first one starting after them (so a replayed old start knows a
+-- later show exists). `last_at`, a LIVE session's newest linked event, is read only when the batch holds a
+-- broadcastStart ($6): it scans the session's interactions, and only a start while LIVE needs it.
+SELECT 'alias' AS kind, a.alias AS name, a.person_id AS id, a.valid_from AS at,
+  NULL::timestamp AS ended_at, NULL::timestamp AS last_at
 FROM person_aliases a
 WHERE a.alias = ANY($1::text[]) AND a.platform = $2 AND a.valid_to IS NULL
 UNION ALL
-SELECT 'live', s.broadcaster, s.id, s.started_at
+SELECT 'session', s.broadcaster, s.id, s.started_at, s.ended_at,
+  CASE WHEN $6 AND s.status = 'LIVE' THEN
+    (SELECT max(i.timestamp) FROM interactions i WHERE i.stream_session_id = s.id)
+  END
 FROM stream_sessions s
-WHERE s.status = 'LIVE' AND s.broadcaster = ANY($3::text[]);
+WHERE s.broadcaster = ANY($3::text[]) AND (
+  s.status = 'LIVE'
+  OR (s.started_at <= $5 AND s.ended_at >= $4)
+  OR (s.started_at > $5 AND NOT EXISTS (
+    SELECT 1 FROM stream_sessions n
+    WHERE n.broadcaster = s.broadcaster AND n.started_at > $5 AND n.started_at < s.started_at
+  ))
+);
 -- ---------------------------------------------------------------------------------------------------------------
 -- Snapshots (issue 4): scheduling, identity (did/rid, renames), deltas and the exclusion-aware read side.
 
@@ -281,6 +299,86 @@ SELECT source, previous_captured_at, captured_at, delta
 FROM snapshot_deltas
 WHERE person_id = $1 AND ($2::text IS NULL OR source = $2)
 ORDER BY source, captured_at;
+
+-- name: live_sessions_for_staleness
+-- Every LIVE session with its newest linked event and the newest Stats API snapshot of its broadcaster (by
+-- original username or current alias): what the staleness rule reads. Runs once a minute, off the hot path.
+SELECT s.id, s.broadcaster, s.started_at,
+  (SELECT max(i.timestamp) FROM interactions i WHERE i.stream_session_id = s.id) AS last_event_at,
+  report.captured_at AS report_at, report.raw_payload AS report
+FROM stream_sessions s
+LEFT JOIN LATERAL (
+  SELECT sn.captured_at, sn.raw_payload FROM snapshots sn
+  JOIN persons p ON p.id = sn.person_id
+  WHERE sn.source = 'cb_stats' AND p.platform = s.platform AND (p.username = s.broadcaster OR EXISTS (
+    SELECT 1 FROM person_aliases a
+    WHERE a.person_id = p.id AND a.alias = s.broadcaster AND a.valid_to IS NULL
+  ))
+  ORDER BY sn.captured_at DESC LIMIT 1
+) report ON true
+WHERE s.status = 'LIVE';
+
+-- name: end_stale_sessions
+-- The staleness rule's ends ($1 ids, $2 times = each one's last event, read a moment before). A session that
+-- meanwhile got a newer event (the writer committed in between) or is no longer LIVE is left alone.
+UPDATE stream_sessions AS s SET status = 'ENDED', ended_at = e.ended_at, end_reason = 'stale', updated_at = NOW()
+FROM unnest($1::uuid[], $2::timestamp[]) AS e(id, ended_at)
+WHERE s.id = e.id AND s.status = 'LIVE'
+  AND NOT EXISTS (SELECT 1 FROM interactions i WHERE i.stream_session_id = s.id AND i.timestamp > e.ended_at)
+RETURNING s.id;
+
+-- name: repair_sessions_stored
+-- `sessions repair`: every stored session, locked for the repair's transaction.
+SELECT id, broadcaster, started_at, ended_at, status, end_reason FROM stream_sessions
+ORDER BY broadcaster, started_at, id
+FOR UPDATE;
+
+-- name: repair_session_edges
+-- `sessions repair`: every stored broadcastStart/broadcastStop event.
+SELECT event_id, method, broadcaster, event_time FROM events
+WHERE method IN ('broadcastStart', 'broadcastStop')
+ORDER BY event_time, event_id;
+
+-- name: repair_last_before
+-- `sessions repair`: per (room $1, time $2), the newest cb_events interaction of that room strictly before it.
+SELECT m.room, m.at,
+  (SELECT max(i.timestamp) FROM interactions i
+   WHERE i.source = 'cb_events' AND i.metadata->>'broadcaster' = m.room AND i.timestamp < m.at) AS last_at
+FROM unnest($1::text[], $2::timestamp[]) AS m(room, at);
+
+-- name: repair_room_reports
+-- `sessions repair`: the newest Stats API snapshot of each room $1 (by original username or current alias).
+SELECT r.room, report.captured_at, report.raw_payload
+FROM unnest($1::text[]) AS r(room)
+JOIN LATERAL (
+  SELECT sn.captured_at, sn.raw_payload FROM snapshots sn
+  JOIN persons p ON p.id = sn.person_id
+  WHERE sn.source = 'cb_stats' AND (p.username = r.room OR EXISTS (
+    SELECT 1 FROM person_aliases a WHERE a.person_id = p.id AND a.alias = r.room AND a.valid_to IS NULL
+  ))
+  ORDER BY sn.captured_at DESC LIMIT 1
+) report ON true;
+
+-- name: repair_update_session
+UPDATE stream_sessions SET ended_at = $2, end_reason = $3, status = $4, updated_at = NOW() WHERE id = $1;
+
+-- name: repair_relink
+-- `sessions repair`: every cb_events interaction moved to the session whose span contains its time (the
+-- latest-starting one when spans overlap, none when none does); returns each move.
+WITH target AS (
+  SELECT i.id, i.stream_session_id AS old_id, (
+    SELECT s.id FROM stream_sessions s
+    WHERE s.broadcaster = i.metadata->>'broadcaster' AND s.started_at <= i.timestamp
+      AND (s.ended_at IS NULL OR i.timestamp <= s.ended_at)
+    ORDER BY s.started_at DESC LIMIT 1
+  ) AS new_id
+  FROM interactions i
+  WHERE i.source = 'cb_events'
+)
+UPDATE interactions i SET stream_session_id = t.new_id
+FROM target t
+WHERE i.id = t.id AND t.old_id IS DISTINCT FROM t.new_id
+RETURNING t.old_id, t.new_id;
 
 -- name: live_session_id
 SELECT id FROM stream_sessions WHERE status = 'LIVE' ORDER BY started_at DESC LIMIT 1;

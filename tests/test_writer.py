@@ -228,7 +228,8 @@ async def test_unknown_method_is_stored_raw_without_interaction(pool: asyncpg.Po
 
 async def _sessions(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await pool.fetch(
-        "SELECT id, broadcaster, status, started_at, ended_at FROM stream_sessions ORDER BY started_at"
+        "SELECT id, broadcaster, status, started_at, ended_at, end_reason FROM stream_sessions"
+        " ORDER BY started_at"
     )
     return rows
 
@@ -251,16 +252,27 @@ async def test_broadcast_sessions_open_link_and_close(pool: asyncpg.Pool) -> Non
         sample.at(10),
         None,
     )
+    # Issue 10: a start while LIVE is the next show (its stop never came): the LIVE session ends at its last
+    # event with `next_start` and a new one opens. (This test's earlier version expected "the show goes on".)
     again = await _write(pool, sample.page([sample.start(12), sample.tip(13, "carol")]))
-    assert again.sessions_opened == 0 and len(await _sessions(pool)) == 1
+    assert (again.sessions_opened, again.sessions_closed) == (1, 1)
+    first, live = await _sessions(pool)
+    assert (first["status"], first["ended_at"], first["end_reason"]) == ("ENDED", sample.at(11), "next_start")
+    assert (live["status"], live["started_at"]) == ("LIVE", sample.at(12))
     closed = await _write(
         pool, sample.page([sample.chat(14, "bob"), sample.stop(20), sample.chat(21, "late")])
     )
     assert (closed.sessions_closed, closed.orphan_stops) == (1, 0)
-    (ended,) = await _sessions(pool)
-    assert (ended["status"], ended["ended_at"]) == ("ENDED", sample.at(20))
+    first, ended = await _sessions(pool)
+    assert (ended["status"], ended["ended_at"], ended["end_reason"]) == (
+        "ENDED",
+        sample.at(20),
+        "broadcast_stop",
+    )
     assert await _session_of(pool, 0) is None
-    for offset in (10, 11, 12, 13, 14, 20):
+    for offset in (10, 11):
+        assert await _session_of(pool, offset) == first["id"], offset
+    for offset in (12, 13, 14, 20):
         assert await _session_of(pool, offset) == ended["id"], offset
     assert await _session_of(pool, 21) is None
 

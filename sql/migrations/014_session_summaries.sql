@@ -1,8 +1,9 @@
 -- 014_session_summaries.sql: what each show came to.
 --
 -- * session_summaries_for(include_excluded): one row per stream session with its start, end, duration (to
---   its latest event while LIVE: a replayed recording's show is not "live" until now), end reason, tips and tokens (tokens per hour of the duration), unique chatters (public
---   chat, the broadcaster not counted), unique tippers, unique visitors (USER_ENTER), follows, unfollows,
+--   its latest event while LIVE: a replayed recording's show is not "live" until now), end reason (012),
+--   tips and tokens (tokens per hour of the duration), unique chatters (public chat, the broadcaster not
+--   counted), unique tippers, unique visitors (USER_ENTER), follows, unfollows,
 --   fan-club joins, media purchases (events, not persons), the top five tippers (a JSON array of
 --   {username, tokens, tips}), and the Stats API's token_balance across the session where cb_stats snapshots
 --   of the broadcaster bracket it: the last one at or before the start and the first at or after the end.
@@ -10,11 +11,8 @@
 --   balance too): income the Events API never reports, private and spy shows.
 --   Persons marked is_excluded are left out of every figure unless include_excluded (the seed's rule).
 -- * session_summaries: the same with exclusions applied, the default of every aggregate.
--- * stream_sessions.end_reason belongs to migration 012 (the session rules). It is added here only when
---   missing, so that this migration also applies where 012 is not present yet; after 012 it does nothing.
 
 -- migrate:up
-ALTER TABLE stream_sessions ADD COLUMN IF NOT EXISTS end_reason TEXT;
 
 CREATE OR REPLACE FUNCTION session_summaries_for(include_excluded BOOLEAN)
 RETURNS TABLE (
