@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -127,3 +128,18 @@ async def wait_for_count(
         if loop.time() > deadline:
             raise AssertionError(f"{query!r} reached {count}, not {at_least}, within {within} s")
         await asyncio.sleep(0.05)
+
+
+def run_command(
+    args: list[str], env: dict[str, str], cwd: Path, *, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """`python -m daemon ARGS` to its end (a one-shot command), its output captured as text."""
+    return subprocess.run(  # a fixed executable and arguments, no shell
+        [sys.executable, "-m", "daemon", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

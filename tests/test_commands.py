@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 
 from tests.conftest import shared_path
+from tests.daemon_process import run_command
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -20,16 +19,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+_run = run_command
 
 
 def test_demo_shows_events_flowing_into_an_embedded_database(tmp_path: Path) -> None:

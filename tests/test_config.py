@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from daemon import config, credentials, errors, logs
+from tests.daemon_process import run_command
 
 BAD_VALUES = [
     ("MHC_DATABASE_URL", "mysql://root@localhost/db", "must be a postgresql:// URL"),
@@ -28,18 +27,6 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MHC_")}
     env["MHC_DATA_DIR"] = str(tmp_path / "data")
     return env
-
-
-def _daemon(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -80,7 +67,7 @@ def test_bad_value_is_one_clear_error(
 @pytest.mark.parametrize(("variable", "value", "message"), BAD_VALUES[:3])
 def test_bad_value_exits_78_with_one_line(tmp_path: Path, variable: str, value: str, message: str) -> None:
     env = _clean_env(tmp_path) | {variable: value}
-    result = _daemon(["migrate", "status"], env, tmp_path)
+    result = run_command(["migrate", "status"], env, tmp_path)
     assert result.returncode == errors.EX_CONFIG
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -132,7 +119,7 @@ def test_a_token_file_problem_exits_78_with_one_line(tmp_path: Path, problem: st
     if problem == "both":
         (tmp_path / "missing-token").write_text("tok-from-file-tok")
         env["MHC_CB_EVENTS_TOKEN"] = "tok-from-variable-tok"
-    result = _daemon(["run"], env, tmp_path)
+    result = run_command(["run"], env, tmp_path)
     assert result.returncode == errors.EX_CONFIG, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "MHC_CB_EVENTS_TOKEN" in lines[0], result.stderr

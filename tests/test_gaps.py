@@ -9,8 +9,6 @@ import datetime as dt
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from tests.daemon_process import (
     TOKEN,
     DaemonProcess,
     daemon_env,
+    run_command,
     running_daemon,
     wait_for_count,
 )
@@ -336,15 +335,7 @@ async def test_the_gaps_command_lists_them(pool: asyncpg.Pool, database_url: str
     env.update({"MHC_DATABASE_URL": database_url, "MHC_DATA_DIR": str(tmp_path / "data")})
 
     def run(*args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "daemon", "gaps", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = run_command(["gaps", *args], env, tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 

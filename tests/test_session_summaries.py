@@ -8,8 +8,6 @@ import collections
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import asyncpg
 
 from daemon import db, ingest
 from daemon.simulator import traffic
+from tests.daemon_process import run_command
 
 ROOM = traffic.DEFAULT_BROADCASTER
 EXCLUDED = "smk_lover"  # one of the simulator's viewers, excluded by the seed's rule
@@ -114,15 +113,7 @@ async def _balance(pool: asyncpg.Pool, person: db.Person, at: dt.datetime, balan
 def _sessions_json(database_url: str, tmp_path: Path, *extra: str) -> list[dict[str, Any]]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("MHC_")}
     env.update({"MHC_DATABASE_URL": database_url, "MHC_DATA_DIR": str(tmp_path / "data")})
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "sessions", "--json", *extra],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_command(["sessions", "--json", *extra], env, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     parsed: list[dict[str, Any]] = json.loads(result.stdout)
     return parsed

@@ -9,7 +9,6 @@ import itertools
 import os
 import re
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 
 from daemon import db, metrics, runtime_state, sessions, supervisor
 from tests import event_samples as sample
+from tests.daemon_process import run_command
 
 ROOM = sample.ROOM
 T0 = dt.datetime(2026, 1, 1, 20, 0)
@@ -353,15 +353,7 @@ def _env(tmp_path: Path, database_url: str) -> dict[str, str]:
 
 
 def _repair(tmp_path: Path, database_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daemon", "sessions", "repair", *extra],
-        env=_env(tmp_path, database_url),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_command(["sessions", "repair", *extra], _env(tmp_path, database_url), tmp_path)
 
 
 async def _previous_version_wrote(pool: asyncpg.Pool) -> dict[str, uuid.UUID]:
