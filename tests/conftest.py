@@ -147,6 +147,16 @@ async def empty_database_url(make_empty_database: Callable[[], Awaitable[str]]) 
 
 
 @pytest.fixture
+async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """One plain connection to the test's database (for tests that watch what a daemon process writes)."""
+    opened: asyncpg.Connection = await asyncpg.connect(database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     async with db.open_pool(database_url) as opened:
         yield opened

@@ -14,7 +14,6 @@ import json
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,15 +44,6 @@ def _expected_interaction_ids(generated: list[dict[str, object]]) -> set[str]:
     )
     assert not batch.quarantined
     return {row.event_id for row in batch.interactions}
-
-
-@pytest.fixture
-async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    opened: asyncpg.Connection = await asyncpg.connect(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def test_sigkill_at_random_moments_loses_and_doubles_nothing(

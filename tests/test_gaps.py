@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -170,15 +170,6 @@ async def test_a_refused_gap_rolls_back_the_cursor_move(pool: asyncpg.Pool) -> N
 
 
 # -- the daemon ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    opened: asyncpg.Connection = await asyncpg.connect(database_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def _until(condition: Callable[[], bool], child: DaemonProcess, *, within: float = 30.0) -> None:
