@@ -72,8 +72,10 @@ async def _demo(settings: config.Settings, args: argparse.Namespace) -> int:
 
 
 async def _replay(settings: config.Settings, args: argparse.Namespace) -> int:
-    """Ingest recorded response bodies (one JSON document per line) through the writer; the cursor stays."""
+    """Ingest recorded response bodies (one JSON document per line) of one room's feed through the writer; the
+    cursor stays."""
     path: Path = args.file
+    room = args.room or settings.cb_username
     try:
         lines = await asyncio.to_thread(lambda: path.read_text(encoding="utf-8").splitlines())
     except OSError as error:
@@ -90,7 +92,7 @@ async def _replay(settings: config.Settings, args: argparse.Namespace) -> int:
                     log.error("replay_line_unreadable", file=str(path), line=number)
                     continue
                 batch = ingest.parse_page(
-                    events, broadcaster=settings.cb_username, received_at=db.utc_now(), next_event_id=None
+                    events, broadcaster=room, received_at=db.utc_now(), next_event_id=None
                 )
                 result = await db.write_batch(
                     pool, batch, cursor_broadcaster=None, timeout_seconds=settings.cb_events_timeout
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser("replay", help="ingest recorded Events API response bodies, one per line")
     replay.add_argument("file", type=Path, help="a file of JSON response bodies, one per line")
+    replay.add_argument("--room", metavar="NAME", help="whose feed it recorded (default: MHC_CB_USERNAME)")
     replay.set_defaults(handler=_replay)
     _add_report_commands(commands)
 
@@ -222,6 +225,7 @@ async def _stats(settings: config.Settings, args: argparse.Namespace) -> int:
     async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
         stats = await reports.room_stats(
             pool,
+            room=args.room or settings.cb_username or None,
             session_id=args.session,
             live=args.session is None,
             include_excluded=args.include_excluded,
@@ -237,7 +241,7 @@ async def _run_session_action(settings: config.Settings, args: argparse.Namespac
 
 async def _gaps(settings: config.Settings, args: argparse.Namespace) -> int:
     async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
-        gaps = await db.ingest_gaps(pool, limit=args.limit)
+        gaps = await db.ingest_gaps(pool, limit=args.limit, room=args.room)
     if args.json:
         print(json.dumps([reports.gap_json(gap) for gap in gaps], indent=2))
     else:
@@ -247,7 +251,9 @@ async def _gaps(settings: config.Settings, args: argparse.Namespace) -> int:
 
 async def _list_sessions(settings: config.Settings, args: argparse.Namespace) -> int:
     async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
-        summaries = await db.session_summaries(pool, last=args.last, include_excluded=args.include_excluded)
+        summaries = await db.session_summaries(
+            pool, last=args.last, include_excluded=args.include_excluded, room=args.room
+        )
     if args.json:
         print(json.dumps([reports.session_json(summary) for summary in summaries], indent=2))
     else:
@@ -259,6 +265,7 @@ def _add_report_commands(commands: Any) -> None:
     gaps = commands.add_parser("gaps", help="list the recorded gaps of the event feed, newest first")
     gaps.add_argument("--json", action="store_true", help="JSON instead of a table")
     gaps.add_argument("--limit", type=int, default=100, metavar="N", help="at most N gaps (default 100)")
+    gaps.add_argument("--room", metavar="NAME", help="only this room's feed (default: every room)")
     gaps.set_defaults(handler=_gaps)
 
     sessions = commands.add_parser(
@@ -271,6 +278,7 @@ def _add_report_commands(commands: Any) -> None:
     sessions.add_argument("--json", action="store_true", help="JSON instead of text")
     sessions.add_argument("--include-excluded", action="store_true", help="count excluded persons too")
     sessions.add_argument("--dry-run", action="store_true", help="repair: print the changes, make none")
+    sessions.add_argument("--room", metavar="NAME", help="list: one room's sessions only")
     sessions.set_defaults(handler=_run_session_action)
 
     deltas = commands.add_parser("deltas", help="print the deltas between a person's consecutive snapshots")
@@ -287,6 +295,9 @@ def _add_report_commands(commands: Any) -> None:
     which = stats.add_mutually_exclusive_group()
     which.add_argument("--session", type=uuid.UUID, metavar="ID", help="this stream session")
     which.add_argument("--live", action="store_true", help="the live session (the default)")
+    stats.add_argument(
+        "--room", metavar="NAME", help="whose live session (default: MHC_CB_USERNAME, else the newest)"
+    )
     stats.add_argument("--include-excluded", action="store_true", help="count excluded persons too")
     stats.add_argument("--limit", type=int, default=10, metavar="N", help="rows per ranking (default 10)")
     stats.add_argument("--json", action="store_true", help="JSON instead of tables")

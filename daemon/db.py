@@ -555,6 +555,7 @@ async def _write(
         items = batch.quarantined
         status = await connection.execute(
             sql_files.query("insert_quarantined"),
+            [item.room for item in items],
             [item.fingerprint for item in items],
             [item.event_id for item in items],
             [item.method for item in items],
@@ -670,10 +671,12 @@ def _count(result: WriteResult) -> None:
         metrics.INGEST_LAG.set((utc_now() - result.newest_event_time).total_seconds())
 
 
-async def ingest_gaps(pool: asyncpg.Pool, limit: int = 100) -> list[ingest.Gap]:
-    """The recorded gaps of the feed, newest first."""
+async def ingest_gaps(pool: asyncpg.Pool, limit: int = 100, room: str | None = None) -> list[ingest.Gap]:
+    """The recorded gaps of `room`'s feed (None: every room's), newest first."""
     with translate_errors():
-        rows = await pool.fetch(sql_files.query("ingest_gaps"), limit)
+        rows = await pool.fetch(
+            sql_files.query("ingest_gaps"), limit, None if room is None else normalize_username(room)
+        )
     return [
         ingest.Gap(
             broadcaster=row["broadcaster"],
@@ -1026,9 +1029,12 @@ async def _repair_input(connection: Connection) -> sessions.RepairInput:
     return sessions.RepairInput(stored, edges, last_before, reports)
 
 
-async def live_session_id(pool: asyncpg.Pool) -> uuid.UUID | None:
+async def live_session_id(pool: asyncpg.Pool, room: str | None) -> uuid.UUID | None:
+    """The LIVE session of `room` (None: the newest LIVE session of any room)."""
     with translate_errors():
-        value: uuid.UUID | None = await pool.fetchval(sql_files.query("live_session_id"))
+        value: uuid.UUID | None = await pool.fetchval(
+            sql_files.query("live_session_id"), None if room is None else normalize_username(room)
+        )
     return value
 
 
@@ -1088,11 +1094,18 @@ def _optional_number(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-async def session_summaries(pool: asyncpg.Pool, *, last: int, include_excluded: bool) -> list[SessionSummary]:
-    """The newest `last` sessions' summaries, oldest first; excluded persons left out unless
-    `include_excluded` (the seed's filtering rule)."""
+async def session_summaries(
+    pool: asyncpg.Pool, *, last: int, include_excluded: bool, room: str | None = None
+) -> list[SessionSummary]:
+    """The newest `last` sessions' summaries of `room` (None: every room), oldest first; excluded persons
+    left out unless `include_excluded` (the seed's filtering rule)."""
     with translate_errors():
-        rows = await pool.fetch(sql_files.query("session_summaries"), last, include_excluded)
+        rows = await pool.fetch(
+            sql_files.query("session_summaries"),
+            last,
+            include_excluded,
+            None if room is None else normalize_username(room),
+        )
     return [
         SessionSummary(
             session_id=row["session_id"],

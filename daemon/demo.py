@@ -121,7 +121,9 @@ async def _report(pool: db.Pool, out: TextIO) -> None:
         for label, count in rows:
             print(f"  {label:40} {count:7d}", file=out)
     print("\n" + reports.render_snapshot_counts(await db.snapshot_counts(pool)), file=out)
-    stats = await reports.room_stats(pool, session_id=None, live=True, include_excluded=False, limit=5)
+    stats = await reports.room_stats(
+        pool, room=None, session_id=None, live=True, include_excluded=False, limit=5
+    )
     print("\n" + reports.render_stats(stats), file=out)
     summaries = await db.session_summaries(pool, last=3, include_excluded=False)
     print("\nShow summaries:\n" + reports.render_sessions(summaries, include_excluded=False), file=out)

@@ -1,7 +1,8 @@
 """Events API pages → rows. Pure functions: no network, no database, no clock.
 
 `parse_page` takes one response's `events` array exactly as decoded and sorts every item into exactly one of
-two places: `Batch.events` (stored raw, keyed by the API's id) or `Batch.quarantined` (text with a reason).
+two places: `Batch.events` (stored raw, keyed by room and the API's id) or `Batch.quarantined` (text with a
+reason).
 Stored events of a known method also yield one `InteractionRow`, and broadcastStart/broadcastStop a
 `SessionChange` as well. An unknown method is stored raw with no interaction, so a new method loses nothing.
 
@@ -11,7 +12,8 @@ Choices worth knowing:
 * `metadata` is `{"event_id", "broadcaster", "method", "user": <user object minus username>, ...}` plus the
   method's fields (tokens/isAnon, fromUser/toUser, media).
   The user's flags are nested under "user" so a stray user key can never overwrite `event_id`, which the
-  database's one-interaction-per-event guard reads.
+  database's one-interaction-per-event guard reads. That guard's key is (room, event id): a direct message's
+  metadata also carries `room`, the feed it came through, since its `broadcaster` is empty.
 * Names (usernames, broadcaster) are lowercased like `db.normalize_username`.
 * This is the hot path (a backlog drains through it), so it works on plain dicts; each event is JSON-encoded
   exactly once, and that text is both the NUL/surrogate check and what the writer sends to PostgreSQL.
@@ -108,6 +110,7 @@ class SessionChange:
 class Quarantined:
     """An item that cannot be stored or mapped, kept as ASCII JSON text (a NUL survives as `\\u0000`)."""
 
+    room: str  # the room whose feed delivered it: a fingerprint is unique within one room
     fingerprint: str  # the event id, or the sha256 hex of raw_text when the item has no usable id
     event_id: str | None
     method: str | None
@@ -308,7 +311,7 @@ def _encode(raw: dict[str, Any], finite_numbers: bool) -> str:
     return text
 
 
-def _quarantine(item: Any, reason: str) -> Quarantined:
+def _quarantine(item: Any, room: str, reason: str) -> Quarantined:
     try:
         raw_text = json.dumps(_pruned(item, json_depth.MAX_DEPTH), ensure_ascii=True)
     except (ValueError, TypeError):  # an integer too long to print, a non-JSON type: no decoder makes either
@@ -323,7 +326,7 @@ def _quarantine(item: Any, reason: str) -> Quarantined:
         if _storable(candidate, METHOD_MAX):
             method = candidate
     fingerprint = event_id or hashlib.sha256(raw_text.encode("ascii")).hexdigest()
-    return Quarantined(fingerprint, event_id, method, raw_text, reason)
+    return Quarantined(room, fingerprint, event_id, method, raw_text, reason)
 
 
 def _pruned(value: Any, room: int) -> Any:
@@ -433,7 +436,9 @@ def _private(payload: dict[str, Any], metadata: dict[str, Any], owner: str) -> t
     name = _name(party, "private message")
     empty_room = not isinstance(payload.get("broadcaster"), str) or not payload["broadcaster"].strip()
     if empty_room:
+        # Not sent in a room; `room` still names the feed it came through (the guard's key, migration 015).
         metadata["broadcaster"] = ""
+        metadata["room"] = owner
     return name, "DIRECT_MESSAGE" if empty_room else "PRIVATE_MESSAGE", text
 
 
@@ -564,11 +569,12 @@ def parse_page(
     configured = normalize_name(broadcaster)
     received = _utc_naive(received_at)
     out = _Collector([], [], [], [], finite_numbers)
+    feed = configured if _storable(configured, NAME_MAX) else ""  # what a quarantine row can name
     for item in events:
         try:
             _one(item, configured, received, out)
         except _Unmappable as error:
-            out.quarantined.append(_quarantine(item, str(error)))
+            out.quarantined.append(_quarantine(item, feed, str(error)))
     next_id = next_event_id if _storable(next_event_id, EVENT_ID_MAX) else None
     gap = None
     if asked is not None:
@@ -621,7 +627,7 @@ def merge(batches: list[Batch]) -> Batch:
 
 def refused(event: StoredEvent, reason: str) -> Quarantined:
     """`event` as a quarantine item: PostgreSQL refused to store it (see `split`)."""
-    return _quarantine(event.raw, reason)
+    return _quarantine(event.raw, event.broadcaster, reason)
 
 
 def split(batch: Batch) -> tuple[Batch, Batch]:

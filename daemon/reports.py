@@ -76,13 +76,20 @@ def _table(rows: Sequence[tuple[str, ...]]) -> str:
 
 
 async def room_stats(
-    pool: asyncpg.Pool, *, session_id: uuid.UUID | None, live: bool, include_excluded: bool, limit: int
+    pool: asyncpg.Pool,
+    *,
+    room: str | None,
+    session_id: uuid.UUID | None,
+    live: bool,
+    include_excluded: bool,
+    limit: int,
 ) -> RoomStats:
-    """Top tippers and chatters for one session (the given one, else the live one) and all time, plus
-    watchlist member counts; excluded persons are left out unless `include_excluded`."""
+    """Top tippers and chatters for one session (the given one, else `room`'s live one; any room's newest
+    live one when `room` is None) and all time, plus watchlist member counts; excluded persons are left out
+    unless `include_excluded`."""
     chosen = session_id
     if chosen is None and live:
-        chosen = await db.live_session_id(pool)
+        chosen = await db.live_session_id(pool, room)
     excluded, n = include_excluded, limit
     return RoomStats(
         session_id=chosen,

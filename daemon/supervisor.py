@@ -271,6 +271,7 @@ class Supervisor:
                         self.state,
                         self.stop,
                         stale_after=dt.timedelta(minutes=settings.session_stale_minutes),
+                        room=settings.cb_username,
                     )
                 ),
                 "snapshot_scheduler": lambda: self._when_database_ready(
@@ -638,7 +639,7 @@ class Supervisor:
         raise AssertionError("tenacity stopped retrying, but it has no stop condition")  # pragma: no cover
 
     async def _live_session(self, pool: db.Pool) -> str | None:
-        session_id = await db.live_session_id(pool)
+        session_id = await db.live_session_id(pool, self.settings.cb_username)
         return str(session_id) if session_id else None
 
     def _account(self, result: db.WriteResult) -> None:
@@ -693,6 +694,7 @@ async def run_session_staleness(
     stop: asyncio.Event,
     *,
     stale_after: dt.timedelta,
+    room: str | None = None,
     clock: Callable[[], dt.datetime] = db.utc_now,
     monotonic: Callable[[], float] = time.monotonic,
     period: float = STALENESS_CHECK_SECONDS,
@@ -700,12 +702,12 @@ async def run_session_staleness(
 ) -> None:
     """The staleness task: a check at once (start-up), then one every `period` seconds (plus up to
     `jitter_seconds`) of the monotonic clock until `stop`. A database outage skips a check; the next one comes
-    a period later."""
+    a period later. `state.live_session_id` follows `room`'s LIVE session."""
     while not stop.is_set():
         due = monotonic() + period + random.uniform(0, jitter_seconds)  # noqa: S311  # timing, not a secret
         try:
             if await check_session_staleness(pool, now=clock(), stale_after=stale_after):
-                live = await db.live_session_id(pool)
+                live = await db.live_session_id(pool, room)
                 state.live_session_id = str(live) if live else None
         except errors.DatabaseUnavailable as error:
             log.warning("session_staleness_check_skipped", error=logs.mask(str(error)))

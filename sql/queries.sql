@@ -49,13 +49,13 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[]
   AS e(event_id, method, broadcaster, event_time, received_at, raw);
 
 -- name: insert_events
--- The same, guarded: the primary key is the idempotency point, a re-delivered event is not inserted and not
--- returned.
+-- The same, guarded: the primary key (room, event id) is the idempotency point, a re-delivered event is not
+-- inserted and not returned.
 INSERT INTO events (event_id, method, broadcaster, event_time, received_at, raw)
 SELECT e.event_id, e.method, e.broadcaster, e.event_time, e.received_at, e.raw::jsonb
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
   AS e(event_id, method, broadcaster, event_time, received_at, raw)
-ON CONFLICT (event_id) DO NOTHING
+ON CONFLICT (broadcaster, event_id) DO NOTHING
 RETURNING event_id;
 
 -- name: resolve_aliases
@@ -148,7 +148,8 @@ INSERT INTO interactions (person_id, stream_session_id, type, content, timestamp
 SELECT i.person_id, i.session_id, i.type, i.content, i.at, $1, i.metadata::jsonb
 FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::timestamp[], $7::text[])
   AS i(person_id, session_id, type, content, at, metadata)
-ON CONFLICT ((metadata->>'event_id')) WHERE source = 'cb_events' DO NOTHING;
+ON CONFLICT ((COALESCE(metadata->>'room', metadata->>'broadcaster')), (metadata->>'event_id'))
+  WHERE source = 'cb_events' DO NOTHING;
 
 -- name: insert_gaps
 -- Holes the read position moved over (ingest.find_gap), in the transaction of the cursor move; a page stored
@@ -160,14 +161,16 @@ ON CONFLICT (broadcaster, after_event_id, resumed_event_id) DO NOTHING
 RETURNING after_event_id, resumed_event_id;
 
 -- name: ingest_gaps
--- The newest gaps first ($1 rows at most).
+-- The newest gaps first ($1 rows at most), of room $2 (NULL: every room).
 SELECT broadcaster, after_event_id, resumed_event_id, gap_from, gap_to, reason, detected_at
-FROM ingest_gaps ORDER BY detected_at DESC, gap_from DESC LIMIT $1;
+FROM ingest_gaps WHERE $2::text IS NULL OR broadcaster = $2
+ORDER BY detected_at DESC, gap_from DESC LIMIT $1;
 
 -- name: insert_quarantined
-INSERT INTO quarantined_events (fingerprint, event_id, method, raw, reason)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-ON CONFLICT (fingerprint) DO NOTHING;
+-- A fingerprint is unique within one room's feed ($1: the room).
+INSERT INTO quarantined_events (broadcaster, fingerprint, event_id, method, raw, reason)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+ON CONFLICT (broadcaster, fingerprint) DO NOTHING;
 
 -- name: batch_context
 -- What the events writer must know before it writes a batch's rows, in one round trip: the current aliases
@@ -381,7 +384,9 @@ WHERE i.id = t.id AND t.old_id IS DISTINCT FROM t.new_id
 RETURNING t.old_id, t.new_id;
 
 -- name: live_session_id
-SELECT id FROM stream_sessions WHERE status = 'LIVE' ORDER BY started_at DESC LIMIT 1;
+-- The LIVE session of room $1 (at most one, uq_stream_sessions_one_live); $1 NULL: the newest of any room.
+SELECT id FROM stream_sessions WHERE status = 'LIVE' AND ($1::text IS NULL OR broadcaster = $1)
+ORDER BY started_at DESC LIMIT 1;
 
 -- name: top_tippers
 -- Tip tokens per person from TIP_EVENT metadata, in one session ($1) or all time ($1 NULL).
@@ -412,9 +417,11 @@ GROUP BY w.name
 ORDER BY w.name;
 
 -- name: session_summaries
--- The newest $1 sessions' summaries (migration 014), oldest first; excluded persons counted only when $2.
+-- The newest $1 sessions' summaries (migration 014) of room $3 (NULL: every room), oldest first; excluded
+-- persons counted only when $2.
 SELECT * FROM (
-  SELECT * FROM session_summaries_for($2) ORDER BY started_at DESC, session_id LIMIT $1
+  SELECT * FROM session_summaries_for($2) WHERE $3::text IS NULL OR broadcaster = $3
+  ORDER BY started_at DESC, session_id LIMIT $1
 ) newest ORDER BY started_at, session_id;
 
 -- name: snapshot_counts
