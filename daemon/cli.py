@@ -24,6 +24,7 @@ from daemon import (
     logs,
     migrations,
     reports,
+    rooms,
     supervisor,
 )
 
@@ -47,23 +48,67 @@ async def _migrate(settings: config.Settings, args: argparse.Namespace) -> int:
 
 
 async def _run(settings: config.Settings, args: argparse.Namespace) -> int:
+    # One room from the settings, or many rooms (rows of `rooms` with token files in MHC_TOKENS_DIR), or both.
+    many_rooms = rooms.tokens_dir(settings) is not None and not settings.cb_username
     missing = [
         name
         for name, value in (
             ("MHC_CB_USERNAME", settings.cb_username),
             ("MHC_CB_EVENTS_TOKEN", settings.cb_events_token),
         )
-        if not value
+        if not value and not many_rooms
     ]
     if missing:
         raise errors.ConfigError(
             f"invalid configuration: {' and '.join(missing)} must be set to run the daemon "
             "(the token may also be a file: MHC_CB_EVENTS_TOKEN_FILE; "
-            "make an Events API token at https://chaturbate.com/statsapi/authtoken/)"
+            "make an Events API token at https://chaturbate.com/statsapi/authtoken/; "
+            "for many rooms set MHC_TOKENS_DIR instead)"
         )
     if args.no_migrate:
         settings = settings.model_copy(update={"migrate_on_start": False})
     return await supervisor.Supervisor(settings).run()
+
+
+async def _rooms(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.name:
+        raise errors.DaemonError(f"rooms {args.action} needs a room name")
+    name = rooms.room_name(args.name) if args.name else ""
+    async with database_server.open_url(settings) as url:
+        async with db.single_connection(url) as connection:
+            await migrations.migrate(connection)
+        async with db.open_pool(url) as pool:
+            if args.action == "list":
+                listed = await db.list_rooms(pool)
+                tokens = rooms.TokenFiles(rooms.tokens_dir(settings))
+                tokens.scan()
+                held = tokens.rooms() | ({db.normalize_username(settings.cb_username)} - {""})
+                if args.json:
+                    print(
+                        json.dumps([reports.room_json(item, item.name in held) for item in listed], indent=2)
+                    )
+                else:
+                    print(reports.render_rooms(listed, held, now=db.utc_now()))
+                return 0
+            if args.action == "add":
+                added = await db.add_room(pool, name)
+                print(f"room {name} {'added' if added else 'was there: enabled'}")
+                directory = rooms.tokens_dir(settings)
+                if directory is None or not (directory / f"{name}{rooms.EVENTS_SUFFIX}").is_file():
+                    where = directory or "MHC_TOKENS_DIR"
+                    print(
+                        f"put its Events API token in {where}/{name}{rooms.EVENTS_SUFFIX} to start polling it"
+                    )
+                return 0
+            if not await db.set_room_enabled(pool, name, args.action == "enable"):
+                raise errors.DaemonError(f"no room {name}: add it with `mhc-daemon rooms add {name}`")
+            print(
+                f"room {name} {args.action}d; a running daemon follows within a minute (or at once on SIGHUP)"
+            )
+    return 0
+
+
+ROOM_ACTIONS = ("list", "add", "disable", "enable")
 
 
 async def _demo(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -169,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("file", type=Path, help="a file of JSON response bodies, one per line")
     replay.add_argument("--room", metavar="NAME", help="whose feed it recorded (default: MHC_CB_USERNAME)")
     replay.set_defaults(handler=_replay)
+
+    room = commands.add_parser(
+        "rooms", help="the rooms to capture: list them, add one, disable or enable one (no restart needed)"
+    )
+    room.add_argument("action", nargs="?", choices=list(ROOM_ACTIONS), default="list")
+    room.add_argument("name", nargs="?", help="the room (its broadcaster's username)")
+    room.add_argument("--json", action="store_true", help="list: JSON instead of a table")
+    room.set_defaults(handler=_rooms)
     _add_report_commands(commands)
 
     probe = commands.add_parser(

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     cb_events_token_file: Path | None = None
     cb_events_base_url: str = "https://eventsapi.chaturbate.com"
     cb_events_timeout: int = Field(default=30, ge=0, le=90)
+    # Many rooms: one `NAME.events` token file per room (and `NAME.stats`) here; default: systemd's
+    # $CREDENTIALS_DIRECTORY when set
+    tokens_dir: Path | None = None
 
     # Chaturbate Stats API
     cb_stats_url: str = "https://chaturbate.com/statsapi/"

@@ -28,7 +28,7 @@ class Credentials:
         for name in config.TOKEN_SETTINGS:
             secret = getattr(settings, name)
             self._values[name] = secret.get_secret_value() if secret is not None else ""
-            _register(self._values[name])
+            register(self._values[name])
 
     def __repr__(self) -> str:
         return f"Credentials(files={sorted(name for name, path in self._files.items() if path)})"
@@ -57,13 +57,14 @@ class Credentials:
             if not value:
                 log.error("token_file_empty", setting=name, path=str(path))
                 continue
-            _register(value)
+            register(value)
             if value != self._values[name]:
                 self._values[name] = value
                 changed.append(name)
         return changed
 
 
-def _register(value: str) -> None:
+def register(value: str) -> None:
+    """Mask `value` (and its URL-quoted form) in every log line, error text and status page from now on."""
     logs.register_secret(value)
     logs.register_secret(quote(value, safe=""))

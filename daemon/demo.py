@@ -43,7 +43,12 @@ async def run(*, duration: float, rate: float, keep: Path | None, out: TextIO = 
     """Run the demo for `duration` seconds; with `keep`, the embedded database stays in that directory."""
     with contextlib.ExitStack() as cleanup:
         data_dir = keep or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mhc-demo-")))
-        backlog = traffic.generate(int(duration * rate) + 200, seed=7, broadcaster=BROADCASTER, end_live=True)
+        # Stamped from now, as a live room's events are: with the generator's fixed 2025 start, the session
+        # staleness rule rightly ended the demo's show a year after its last event.
+        now_ms = int(time.time() * 1000)
+        backlog = traffic.generate(
+            int(duration * rate) + 200, seed=7, broadcaster=BROADCASTER, start_ms=now_ms, end_live=True
+        )
         async with (
             events.EventsSimulator(
                 username=BROADCASTER, token=EVENTS_TOKEN, events=backlog, rate=rate, rates=FAULTS, seed=7

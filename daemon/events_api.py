@@ -137,10 +137,11 @@ def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
     return url if same_origin else None
 
 
-class _RequestLimiter:
+class RequestLimiter:
     """At most `limit` requests in any `period` seconds (the API's own rule: a backlog may use a whole
     minute's allowance at once). The poller spaces requests once caught up, so a live room never burns it in a
-    burst. Times are logical: a wait counts as done."""
+    burst. Times are logical: a wait counts as done. One limiter may serve every room's client: the API's
+    2,000 requests a minute do not say whether they count per token or per client."""
 
     def __init__(self, limit: int, period: float, sleep: api_http.Sleep) -> None:
         self._limit = max(1, limit)
@@ -179,11 +180,13 @@ class EventsClient:
         timeout: int,
         on_failure: api_http.FailureRecorder,
         state: runtime_state.RuntimeState,
+        room: runtime_state.RoomState | None = None,
         on_auth_rejected: Callable[[], bool] | None = None,
         max_body_bytes: int = config.DEFAULT_API_MAX_BODY_BYTES,
         backoff_max: float = 60.0,
         auth_retry_seconds: float = 300.0,
         max_requests_per_minute: int = 2000,
+        limiter: RequestLimiter | None = None,
         backoff_initial: float = 1.0,
         read_margin: float = READ_MARGIN,
         sleep: api_http.Sleep = asyncio.sleep,
@@ -202,12 +205,13 @@ class EventsClient:
         self._on_auth_rejected = on_auth_rejected
         self._token_renewed = False  # the hook read a new token after the last 401/403
         self._state = state
+        self._room = room
         self._max_body_bytes = max_body_bytes
         self._backoff = waits.Backoff(backoff_initial, backoff_max)
         self._auth_retry_seconds = auth_retry_seconds
         self._read_margin = read_margin
         self._sleep = sleep
-        self._limiter = _RequestLimiter(max_requests_per_minute, 60.0, sleep)
+        self._limiter = limiter or RequestLimiter(max_requests_per_minute, 60.0, sleep)
 
     def __repr__(self) -> str:
         return (
@@ -247,11 +251,10 @@ class EventsClient:
         except errors.ApiError as error:
             await self._failed(url, error, attempt)
             raise
-        self._state.poll_succeeded()
+        self._state.poll_succeeded(self._room)
         metrics.LAST_POLL.set(time.time())
-        if self._state.token_rejected:
-            self._state.token_rejected = False
-            log.info("events_token_accepted")
+        if self._state.token_verdict(False, self._room):
+            log.info("events_token_accepted", room=self._username)
         return page
 
     def _with_current_token(self, url: EventsUrl) -> yarl.URL:
@@ -339,9 +342,9 @@ class EventsClient:
     # -- failures and waits ----------------------------------------------------------------------------------
 
     async def _failed(self, url: EventsUrl, error: errors.ApiError, attempt: int) -> None:
-        self._state.poll_problem = logs.mask(f"{error.kind}: {error}")
+        self._state.poll_failed(logs.mask(f"{error.kind}: {error}"), self._room)
         if isinstance(error, errors.AuthRejected):
-            self._state.token_rejected = True
+            self._state.token_verdict(True, self._room)
             log.error(
                 "events_token_rejected",
                 message=(

@@ -83,6 +83,25 @@ async def run_checks(
         await waits.wait_for_stop(stop, interval)
 
 
+def _name(room: runtime_state.RoomState) -> str:
+    return room.name
+
+
+def _room_json(room: runtime_state.RoomState, now: float) -> dict[str, Any]:
+    """One polled room: its state, how far behind its newest stored event is, what it stored."""
+    return {
+        "name": room.name,
+        "state": room.status,
+        "lag_s": None if room.last_event_time is None else round(max(0.0, now - room.last_event_time), 1),
+        "last_event_time": _iso(room.last_event_time),
+        "last_successful_poll": _iso(room.last_successful_poll),
+        "poll_problem": room.poll_problem,
+        "events_stored": room.events_stored,
+        "spool_bytes": room.spool_bytes,
+        "live_session": room.live_session_id,
+    }
+
+
 def _iso(moment: float | dt.datetime | None) -> str | None:
     if moment is None:
         return None
@@ -142,6 +161,13 @@ class _Endpoints:
         metrics.SPOOL_BYTES.set(self.state.spool_bytes)
         if self.state.last_successful_poll is not None:
             metrics.LAST_POLL.set(self.state.last_successful_poll)
+        for gauge in (metrics.ROOM_LAST_EVENT, metrics.ROOM_TOKEN_REJECTED, metrics.ROOM_SPOOL_BYTES):
+            gauge.clear()  # a room no longer polled has no value
+        for room in self.state.rooms.values():
+            if room.last_event_time is not None:
+                metrics.ROOM_LAST_EVENT.labels(room=room.name).set(room.last_event_time)
+            metrics.ROOM_TOKEN_REJECTED.labels(room=room.name).set(1 if room.token_rejected else 0)
+            metrics.ROOM_SPOOL_BYTES.labels(room=room.name).set(room.spool_bytes)
         return web.Response(
             body=prometheus_client.generate_latest(metrics.REGISTRY),
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
@@ -179,6 +205,7 @@ class _Endpoints:
                 "failures": state.failures,
             },
             "spool_bytes": state.spool_bytes,
+            "rooms": [_room_json(room, now=time.time()) for room in sorted(state.rooms.values(), key=_name)],
             "recent_failures": recent,
             "latest_gap": latest_gap,
         }

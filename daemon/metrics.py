@@ -58,3 +58,19 @@ LAST_POLL = Gauge(
     "mhc_last_successful_poll_timestamp_seconds", "Unix time of the last successful poll.", registry=REGISTRY
 )
 SPOOL_BYTES = Gauge("mhc_spool_bytes", "Bytes waiting in the disk spool.", registry=REGISTRY)
+# Per room: rooms are bounded by configuration, so a label per room is bounded too.
+ROOM_EVENTS = Counter(
+    "mhc_room_events_total", "Events stored for the first time, by room.", ["room"], registry=REGISTRY
+)
+ROOM_LAST_EVENT = Gauge(
+    "mhc_room_last_event_timestamp_seconds",
+    "Server time of the room's newest stored event (Unix seconds), for the rooms polled now.",
+    ["room"],
+    registry=REGISTRY,
+)
+ROOM_TOKEN_REJECTED = Gauge(
+    "mhc_room_token_rejected", "1 while the Events API rejects the room's token.", ["room"], registry=REGISTRY
+)
+ROOM_SPOOL_BYTES = Gauge(
+    "mhc_room_spool_bytes", "Bytes waiting in the room's disk spool.", ["room"], registry=REGISTRY
+)

@@ -186,6 +186,50 @@ def gap_json(gap: ingest.Gap) -> dict[str, Any]:
     }
 
 
+def _lag(room: db.Room, now: dt.datetime) -> float | None:
+    at = room.last_event_at
+    return None if at is None else max(0.0, (now - at).total_seconds())
+
+
+def room_json(room: db.Room, token_held: bool, now: dt.datetime | None = None) -> dict[str, Any]:
+    now = now or db.utc_now()
+    lag = _lag(room, now)
+    return {
+        "name": room.name,
+        "state": _room_state(room),
+        "token_file": token_held,
+        "last_event_id": room.last_event_id,
+        "last_event_at": _utc(room.last_event_at),
+        "lag_s": None if lag is None else round(lag, 1),
+        "added_at": _utc(room.added_at),
+    }
+
+
+def _room_state(room: db.Room) -> str:
+    if room.enabled is None:
+        return "settings"  # MHC_CB_USERNAME's room: no row, polled whenever its token is set
+    return "enabled" if room.enabled else "disabled"
+
+
+def render_rooms(rooms: list[db.Room], held: set[str], now: dt.datetime) -> str:
+    """One line per room: whether it is captured, whether this host holds its token, how far behind it is."""
+    if not rooms:
+        return "no rooms: add one with `mhc-daemon rooms add NAME`"
+    rows = [("ROOM", "STATE", "TOKEN", "LAST EVENT", "LAG")]
+    for room in rooms:
+        lag = _lag(room, now)
+        rows.append(
+            (
+                room.name,
+                _room_state(room),
+                "yes" if room.name in held else "no",
+                _time(room.last_event_at) if room.last_event_at else "-",
+                _duration(lag) if lag is not None else "-",
+            )
+        )
+    return _table(rows)
+
+
 def render_gaps(gaps: list[ingest.Gap]) -> str:
     """One line per gap, newest first."""
     if not gaps:

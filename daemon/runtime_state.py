@@ -7,6 +7,21 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class RoomState:
+    """One room's part of the state (`/status` lists them)."""
+
+    name: str
+    status: str = "starting"  # starting | polling | spooling | token_rejected | stopping
+    last_successful_poll: float | None = None
+    poll_problem: str | None = None
+    token_rejected: bool = False
+    last_event_time: float | None = None  # server time of the room's newest committed event
+    live_session_id: str | None = None
+    events_stored: int = 0
+    spool_bytes: int = 0
+
+
+@dataclass
 class RuntimeState:
     """Plain, single-threaded state: every writer and reader runs on the one event loop."""
 
@@ -28,8 +43,33 @@ class RuntimeState:
     poll_progress: int = 0
     write_progress: int = 0
     snapshots_taken: int = 0
+    rooms: dict[str, RoomState] = field(default_factory=dict)  # the rooms polled now, by name
 
-    def poll_succeeded(self) -> None:
+    def poll_succeeded(self, room: RoomState | None = None) -> None:
         self.last_successful_poll = time.time()
         self.poll_problem = None
         self.poll_progress += 1
+        if room is not None:
+            room.last_successful_poll = self.last_successful_poll
+            room.poll_problem = None
+
+    def poll_failed(self, problem: str, room: RoomState | None = None) -> None:
+        self.poll_problem = problem
+        if room is not None:
+            room.poll_problem = problem
+
+    def token_verdict(self, rejected: bool, room: RoomState | None = None) -> bool:
+        """Record whether the token was rejected; True when that changed the verdict. The daemon's own flag
+        (readiness) is set only while every room's token is rejected: one room's bad token pauses that room
+        alone."""
+        if room is None:
+            changed, self.token_rejected = self.token_rejected != rejected, rejected
+            return changed
+        changed, room.token_rejected = room.token_rejected != rejected, rejected
+        room.status = "token_rejected" if rejected else "polling"
+        self.token_rejected = bool(self.rooms) and all(item.token_rejected for item in self.rooms.values())
+        return changed
+
+    def spool_total(self) -> int:
+        self.spool_bytes = sum(room.spool_bytes for room in self.rooms.values())
+        return self.spool_bytes

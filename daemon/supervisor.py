@@ -1,15 +1,13 @@
 """The supervisor: one owner for every long-lived task of `mhc-daemon run`.
 
 Resources open in dependency order (database → pool → HTTP session → health server) and close in reverse;
-none of them needs PostgreSQL to answer: migrations wait for it in their own task while the poller fetches
-into the disk spool. The poller fetches pages and hands them to the writer through a small bounded queue, so
-the next long-poll is under way while the current page is written. The read position only moves when a page
-is committed, so a crash at any instant re-reads, and the writer's idempotency turns re-reads into
-"duplicates skipped".
+none of them needs PostgreSQL to answer: migrations wait for it in their own task while the room units poll
+into their disk spools. Each room's capture is a unit (`room_unit`: a poller, a writer, a spool) that the
+supervisor starts and stops as rooms come and go (`rooms`): at start, on SIGHUP and every minute.
 
-The rule of failure: the event path (database preparation, poller, writer, watchdog) handles every error its
-inputs can cause and ends the daemon only through a bug; every other task is isolated, its failures recorded
-and the task restarted, so nothing on the snapshot or reporting side can stop event capture.
+The rule of failure: the event path (database preparation, the rooms and their units, the watchdog) handles
+every error its inputs can cause and ends the daemon only through a bug; every other task is isolated, its
+failures recorded and the task restarted, so nothing on the snapshot or reporting side can stop event capture.
 """
 
 from __future__ import annotations
@@ -25,10 +23,9 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
-import tenacity
 
 from daemon import (
     api_http,
@@ -39,58 +36,30 @@ from daemon import (
     errors,
     events_api,
     health,
-    ingest,
     logs,
-    metrics,
     migrations,
-    position_file,
+    room_unit,
+    rooms,
     runtime_state,
     sessions,
     snapshots,
-    spool,
     systemd,
     waits,
 )
 
 log = logs.get_logger(__name__)
-T = TypeVar("T")
 
-HANDOFF_PAGES = 20  # pages fetched ahead of the writer; bounded so a stalled database stops polling
-# While a backlog drains, the writer takes every page already waiting (up to this many events) into one
-# transaction: fewer commits and round trips. 20 pages / 2,000 events drained a backlog as fast as 50 / 5,000
-# (bench/throughput.py) with some 40 MB less peak memory; 10 / 1,000 was about 8% slower.
-MERGE_EVENTS = 2000
 DATABASE_CHECK_SECONDS = 5.0
 SUMMARY_SECONDS = 60.0
 STALENESS_CHECK_SECONDS = 60.0  # the staleness rule counts in minutes (MHC_SESSION_STALE_MINUTES)
-# Between attempts to reach or write to the database: from half a second, doubling, up to 30 s.
-STORAGE_BACKOFF = waits.Backoff(0.5, 30.0)
-# Before it falls back to the position saved on disk, the poller gives a starting database this long.
-DATABASE_START_WAIT_SECONDS = 5.0
+STORAGE_BACKOFF = room_unit.STORAGE_BACKOFF
+ROOMS_SCAN_SECONDS = 60.0  # token files and the rooms table are read again this often (and on SIGHUP)
 # A task that must not stop capture (snapshots, health checks, the summary) restarts after a failure, waiting
 # twice as long after each one, up to five minutes.
 RESTART_BACKOFF = waits.Backoff(2.0, 300.0)
 UNRECORDED_FAILURES_MAX = 10_000
 FIRST_COMMIT_WAIT_SECONDS = 5.0  # how long the snapshot side lets the event path go first
 STALL_MARGIN_SECONDS = 10.0  # beyond one long-poll, this long without progress is a stall
-# Once caught up, requests start at most this often: the client's 2,000 requests per minute spread evenly
-# (plus 5%). Unpaced, a busy live room (a request per event or two) used up the minute's allowance in ~10 s,
-# then waited ~50 s with events piling up (bench/latency.py). A full page (a backlog) is not paced: the
-# client's own limit then allows the burst.
-LIVE_POLL_SPACING = 60.0 / 2000 * 1.05
-FULL_PAGE = 100  # events in a full Events API response
-
-
-@dataclass(frozen=True)
-class ParsedPage:
-    """A fetched or spooled page with its events already sorted into rows (`batch`): the poller parses while
-    the writer waits on PostgreSQL, so the writer's turn is database work only."""
-
-    events: list[Any]
-    next_event_id: str | None
-    received_at: dt.datetime
-    batch: ingest.Batch
-    asked: ingest.Asked | None = None
 
 
 @dataclass
@@ -101,9 +70,9 @@ class Supervisor:
     # Retry pacing of the Events API client; tests and the demo shorten them.
     auth_retry_seconds: float = 300.0
     backoff_max: float = 60.0
-    disk_spool: spool.Spool = field(init=False)
     credentials: credentials.Credentials = field(init=False)
-    position: position_file.PositionFile = field(init=False)
+    token_files: rooms.TokenFiles = field(init=False)
+    units: dict[str, room_unit.RoomUnit] = field(init=False, default_factory=dict)
     # Set once the schema is migrated and current: only then does the writer write.
     database_ready: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     first_commit: asyncio.Event = field(init=False, default_factory=asyncio.Event)
@@ -114,18 +83,15 @@ class Supervisor:
     # The poller, the writer and the snapshot task all write those rows: one at a time, so none is written
     # twice and none is popped by a task that did not write it.
     _recording: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
-    # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
-    # spool first, so the spool always begins at or before the committed cursor and a crash loses none.
-    _in_memory: collections.deque[ParsedPage] = field(init=False, default_factory=collections.deque)
+    _rescan: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # read the rooms again now
+    _table_rooms: set[str] = field(init=False, default_factory=set)  # enabled rows, as last read
 
     def __post_init__(self) -> None:
-        self.disk_spool = spool.Spool(
-            self.settings.data_dir / "spool", max_bytes=self.settings.spool_max_mb * 1024 * 1024
-        )
         self.credentials = credentials.Credentials(self.settings)
-        self.position = position_file.PositionFile(
-            self.settings.data_dir, db.normalize_username(self.settings.cb_username)
-        )
+        self.token_files = rooms.TokenFiles(rooms.tokens_dir(self.settings))
+        self.token_files.scan()
+        # One request limit for the process: the API's 2,000 a minute do not say per what.
+        self.limiter = events_api.RequestLimiter(2000, 60.0, self._poll_sleep)
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0) or until an event-path task fails unexpectedly (the error
@@ -153,11 +119,14 @@ class Supervisor:
             log.info("stop_requested")
             systemd.stopping()
             self.stop.set()
+            for unit in self.units.values():
+                unit.stop.set()
 
     def reload(self) -> None:
         """SIGHUP (a reload, a closed terminal): reopen logging, re-read the token files; never a stop."""
         logs.configure(self.settings.log_level, self.settings.log_format)
         log.info("reloaded", tokens_changed=self.credentials.reload())
+        self._rescan.set()
 
     @contextlib.asynccontextmanager
     async def _resources(self) -> AsyncIterator[tuple[str, db.Pool, aiohttp.ClientSession]]:
@@ -167,8 +136,13 @@ class Supervisor:
         async with contextlib.AsyncExitStack() as stack:
             url = await stack.enter_async_context(database_server.open_url(settings))
             pool = await stack.enter_async_context(db.open_pool(url, min_size=0, max_size=6))
+            # No connection limit: every room holds a long-poll open (aiohttp's default caps them at 100).
             session = await stack.enter_async_context(
-                aiohttp.ClientSession(headers={"User-Agent": "mhc-daemon"}, raise_for_status=False)
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0),
+                    headers={"User-Agent": "mhc-daemon"},
+                    raise_for_status=False,
+                )
             )
             await stack.enter_async_context(health.serve(pool, settings, self.state))
             yield url, pool, session
@@ -186,7 +160,6 @@ class Supervisor:
                         log.info("migration_applied", migration=line)
                 if not await db.schema_is_current(pool):
                     raise errors.MigrationError("the schema is behind this version: run `mhc-daemon migrate`")
-                self.state.live_session_id = await self._live_session(pool)
             except (errors.StorageError, errors.MigrationError) as error:
                 self.state.database_up = not isinstance(error, errors.DatabaseUnavailable)
                 self.state.database_problem = logs.mask(str(error))
@@ -199,59 +172,45 @@ class Supervisor:
         self.state.database_up = self.state.migrations_current = True
         self.state.database_problem = None
         self.database_ready.set()
+        self._rescan.set()  # the rooms table can be read now
         log.info("database_ready")
         await self._record_failures(pool)
 
     async def _run_tasks(self, url: str, pool: db.Pool, session: aiohttp.ClientSession) -> None:
-        settings = self.settings
-        client = events_api.EventsClient(
-            session,
-            base_url=settings.cb_events_base_url,
-            username=settings.cb_username,
-            token=self.credentials.provider("cb_events_token"),
-            on_auth_rejected=self._reload_tokens,
-            timeout=settings.cb_events_timeout,
-            on_failure=self._failure_recorder(pool),
-            state=self.state,
-            max_body_bytes=settings.api_max_body_bytes,
-            backoff_max=self.backoff_max,
-            auth_retry_seconds=self.auth_retry_seconds,
-            sleep=self._poll_sleep,
-        )
-        handoff: asyncio.Queue[ParsedPage] = asyncio.Queue(maxsize=HANDOFF_PAGES)
-        tasks = asyncio.ensure_future(self._task_group(url, pool, session, client, handoff))
+        tasks = asyncio.ensure_future(self._task_group(url, pool, session))
         stopped = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait({tasks, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if not tasks.done():
             # Bounded: what is not written by then is re-read at the next start, never lost.
             try:
-                await asyncio.wait_for(asyncio.shield(tasks), timeout=settings.shutdown_timeout)
+                await asyncio.wait_for(asyncio.shield(tasks), timeout=self.settings.shutdown_timeout)
             except TimeoutError:
-                log.warning("shutdown_timeout_reached", pages_not_written=handoff.qsize())
+                waiting = sum(unit.pages_waiting for unit in self.units.values())
+                log.warning("shutdown_timeout_reached", pages_not_written=waiting)
                 tasks.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks
-        self.position.flush()
         if not tasks.cancelled():
             tasks.result()  # an unexpected failure of the event path propagates as the daemon's failure
 
-    async def _task_group(
-        self,
-        url: str,
-        pool: db.Pool,
-        session: aiohttp.ClientSession,
-        client: events_api.EventsClient,
-        handoff: asyncio.Queue[ParsedPage],
-    ) -> None:
-        """The event path (database preparation, poller, writer, watchdog) may end the daemon, and only
-        through a bug; every other task is isolated (`_isolated`): its failures are recorded and it starts
-        again, so nothing on the snapshot or reporting side can stop event capture."""
+    async def _task_group(self, url: str, pool: db.Pool, session: aiohttp.ClientSession) -> None:
+        """The event path (database preparation, the rooms and their units, the watchdog) may end the daemon,
+        and only through a bug; every other task is isolated (`_isolated`): its failures are recorded and it
+        starts again, so nothing on the snapshot or reporting side can stop event capture."""
         settings = self.settings
+        shared = room_unit.Shared(
+            settings=settings,
+            pool=pool,
+            state=self.state,
+            database_ready=self.database_ready,
+            first_commit=self.first_commit,
+            record_failures=lambda: self._record_failures(pool),
+            failures_waiting=lambda: bool(self._unrecorded),
+        )
         async with asyncio.TaskGroup() as group:
             group.create_task(self._prepare_database(url, pool), name="database")
-            poller = group.create_task(self._poll(client, pool, handoff), name="poller")
-            group.create_task(self._write(pool, handoff, poller), name="writer")
+            group.create_task(self._manage_rooms(group, shared, session), name="rooms")
             interval = systemd.watchdog_interval()
             if interval is not None:
                 # Longer than one long-poll: an idle room completes a poll only every `timeout` seconds.
@@ -289,6 +248,119 @@ class Supervisor:
             for name, run in isolated.items():
                 group.create_task(self._isolated(name, run, pool), name=name)
 
+    # -- rooms -----------------------------------------------------------------------------------------------
+
+    @property
+    def single_room(self) -> str | None:
+        """The room of the single-room settings (MHC_CB_USERNAME with an Events API token), if set."""
+        name = db.normalize_username(self.settings.cb_username)
+        return name if name and self.credentials.current("cb_events_token") else None
+
+    async def _manage_rooms(
+        self, group: asyncio.TaskGroup, shared: room_unit.Shared, session: aiohttp.ClientSession
+    ) -> None:
+        """Keep one unit running per room to poll: at start, on SIGHUP and every `ROOMS_SCAN_SECONDS`, start
+        the units of new rooms and stop those of rooms gone (disabled, or their token file removed)."""
+        announced = False
+        while not self.stop.is_set():
+            self._rescan.clear()
+            wanted = await self._wanted_rooms(shared.pool)
+            for name in sorted(self.units.keys() - wanted):
+                log.info("room_stopping", room=name)
+                self.units[name].room.status = "stopping"
+                self.units[name].stop.set()
+            for name in sorted(wanted - self.units.keys()):
+                self._start_unit(group, shared, session, name)
+            if not wanted and not announced and self.database_ready.is_set():
+                log.warning("no_rooms_to_poll", hint="add one: `mhc-daemon rooms add NAME` and NAME.events")
+                systemd.ready()  # nothing to poll is a state, not a failure to start
+                announced = True
+            loop = asyncio.get_running_loop()
+            due = loop.time() + ROOMS_SCAN_SECONDS
+            while not self._rescan.is_set() and loop.time() < due:
+                if await waits.wait_for_stop(self.stop, 1.0):
+                    return
+                if not self.units:  # an idle daemon is not a wedged one
+                    self.state.poll_progress += 1
+                    self.state.write_progress += 1
+
+    async def _wanted_rooms(self, pool: db.Pool) -> set[str]:
+        """The rooms to poll now: the single-room settings' room, and the enabled rows of `rooms` with a token
+        file (as last read while the database answered)."""
+        changed = self.token_files.scan()
+        for name in changed & self.units.keys():
+            log.info("room_token_changed", room=name)
+        if self.token_files.directory is not None and self.database_ready.is_set():
+            try:
+                self._table_rooms = set(await db.enabled_rooms(pool))
+            except errors.StorageError as error:
+                log.warning("rooms_not_read", error=logs.mask(str(error)), keeping=sorted(self._table_rooms))
+        wanted = self._table_rooms & self.token_files.rooms()
+        if self.single_room:
+            wanted.add(self.single_room)
+        return wanted
+
+    def _start_unit(
+        self, group: asyncio.TaskGroup, shared: room_unit.Shared, session: aiohttp.ClientSession, name: str
+    ) -> None:
+        settings = self.settings
+        state = runtime_state.RoomState(name)
+        single = name == self.single_room
+        if single:
+            token: Callable[[], str] = self.credentials.provider("cb_events_token")
+            reload: Callable[[], bool] = self._reload_tokens
+        else:
+            token = self._room_token(name)
+            reload = lambda: name in self.token_files.scan()  # noqa: E731  # a one-line hook
+        client = events_api.EventsClient(
+            session,
+            base_url=settings.cb_events_base_url,
+            username=name,
+            token=token,
+            on_auth_rejected=reload,
+            timeout=settings.cb_events_timeout,
+            on_failure=self._failure_recorder(shared.pool),
+            state=self.state,
+            room=state,
+            max_body_bytes=settings.api_max_body_bytes,
+            backoff_max=self.backoff_max,
+            auth_retry_seconds=self.auth_retry_seconds,
+            limiter=self.limiter,
+            sleep=self._poll_sleep,
+        )
+        directory = settings.data_dir if single else settings.data_dir / "rooms" / name
+        unit = room_unit.RoomUnit(name, directory, client, shared, state)
+        if self.stop.is_set():
+            unit.stop.set()
+        self.units[name] = unit
+        self.state.rooms[name] = state
+        log.info("room_started", room=name)
+
+        async def run() -> None:
+            try:
+                await unit.run()
+            finally:
+                if self.units.get(name) is unit:
+                    del self.units[name]
+                    del self.state.rooms[name]
+                    self.state.spool_total()
+                log.info("room_stopped", room=name)
+
+        group.create_task(run(), name=f"room:{name}")
+
+    def _room_token(self, name: str) -> Callable[[], str]:
+        """The current Events API token of a table room; the last one read while its file is gone."""
+        last = ""
+
+        def current() -> str:
+            nonlocal last
+            tokens = self.token_files.get(name)
+            last = tokens.events if tokens else last
+            return last
+
+        current()
+        return current
+
     async def _isolated(self, name: str, run: Callable[[], Awaitable[None]], pool: db.Pool) -> None:
         """Run `run` until the daemon stops. Whatever it raises is logged with its traceback, recorded in
         `api_failures` (api = the task's name, kind `internal_error`), and the task starts again after a
@@ -312,13 +384,23 @@ class Supervisor:
         """Run `work` once the schema is ready (never, if the daemon stops first), and after the writer's
         first commit or a few seconds: the event path goes first, and lookups then find the first viewers."""
         try:
-            await self._database_ready_within(None)
-        except _Stopping:
+            await self._database_ready()
+        except room_unit.Stopping:
             work.close()
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.first_commit.wait(), timeout=FIRST_COMMIT_WAIT_SECONDS)
         await work
+
+    async def _database_ready(self) -> None:
+        """Wait for the database to be ready; `room_unit.Stopping` when the daemon stops first."""
+        ready = asyncio.ensure_future(self.database_ready.wait())
+        stopped = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopped.cancel()
+        if not self.database_ready.is_set():
+            raise room_unit.Stopping
 
     def _failure_recorder(self, pool: db.Pool) -> api_http.FailureRecorder:
         """Failure rows go to `api_failures` at once when the database takes them, else (it is down, or not
@@ -338,13 +420,18 @@ class Supervisor:
         """Write the failure rows that wait in memory, oldest first; those the database refuses wait on.
         Damaged spool records set aside meanwhile are among them."""
         async with self._recording:
-            for damaged in self.disk_spool.take_damaged():
+            damaged_records = [
+                (unit, damaged)
+                for unit in list(self.units.values())
+                for damaged in unit.disk_spool.take_damaged()
+            ]
+            for unit, damaged in damaged_records:
                 self.state.failures += 1
                 self._unrecorded.append(
                     errors.ApiFailure(
                         api="spool",
                         operation="drain",
-                        url=str(damaged.path or self.disk_spool.path),
+                        url=str(damaged.path or unit.disk_spool.path),
                         error_kind="damaged_record",
                         body_excerpt=f"offset {damaged.offset}, {damaged.length} bytes: {damaged.reason}",
                         occurred_at=damaged.found_at,
@@ -361,296 +448,6 @@ class Supervisor:
                     self._unrecorded.appendleft(failure)
                     log.warning("api_failure_recorded_later", waiting=len(self._unrecorded), error=str(error))
                     return
-
-    async def _poll(
-        self, client: events_api.EventsClient, pool: db.Pool, handoff: asyncio.Queue[ParsedPage]
-    ) -> None:
-        """Fetch pages from the last committed position onwards until told to stop."""
-        try:
-            position = await self._start_position(pool)
-        except _Stopping:
-            return
-        url = client.start_url(position)
-        self._spool_gauge()
-        log.info("polling_started", resume_from=position, spooled_bytes=self.disk_spool.pending_bytes)
-        first = True
-        loop = asyncio.get_running_loop()
-        taken = loop.time()  # when the position of `url` was taken up: gap detection allows for all since
-        while not self.stop.is_set():
-            started = loop.time()
-            fetch = asyncio.ensure_future(client.fetch(url))
-            stopped = asyncio.ensure_future(self.stop.wait())
-            done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if fetch not in done:
-                fetch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await fetch
-                break
-            stopped.cancel()
-            page = fetch.result()
-            answered = loop.time()
-            if first:
-                systemd.ready()
-                first = False
-            asked = ingest.Asked(page.request_event_id, answered - taken, page.continuation)
-            if not await self._hand_off(self._parsed(page, asked), handoff):
-                break
-            url = page.next_url or client.start_url(page.next_event_id)
-            taken = answered
-            pause = started + LIVE_POLL_SPACING - loop.time()
-            if len(page.events) < FULL_PAGE and pause > 0 and await waits.wait_for_stop(self.stop, pause):
-                break
-
-    async def _start_position(self, pool: db.Pool) -> str | None:
-        """Where to read from: after the newest spooled page, else the committed cursor; while the database
-        is not ready, the position saved on disk after the last commit (a second behind at worst: re-read
-        events are skipped as duplicates). With neither, only the database knows: wait for it."""
-        if self.disk_spool.has_pages():
-            # Spooled pages are newer than the committed cursor: resume after them; they are drained first.
-            return self.disk_spool.last_position()
-        if not await self._database_ready_within(DATABASE_START_WAIT_SECONDS):
-            saved = self.position.load()
-            if saved is not None:
-                log.warning("resuming_from_saved_position", resume_from=saved.last_event_id)
-                return saved.last_event_id
-            log.warning("waiting_for_database", reason="no read position saved on this host yet")
-            await self._database_ready_within(None)
-        cursor = await self._retry_storage(
-            "load_cursor", lambda: db.load_cursor(pool, self.settings.cb_username)
-        )
-        return cursor.last_event_id if cursor else None
-
-    async def _database_ready_within(self, seconds: float | None) -> bool:
-        """Wait up to `seconds` (None: as long as it takes) for the database to be ready; `_Stopping` when
-        the daemon stops meanwhile. Waiting counts as progress for the watchdog."""
-        loop = asyncio.get_running_loop()
-        deadline = None if seconds is None else loop.time() + seconds
-        while not self.database_ready.is_set():
-            if self.stop.is_set():
-                raise _Stopping
-            if deadline is not None and loop.time() >= deadline:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.database_ready.wait(), timeout=0.5)
-            self.state.write_progress += 1
-            self.state.poll_progress += 1
-        return True
-
-    async def _hand_off(self, page: ParsedPage, handoff: asyncio.Queue[ParsedPage]) -> bool:
-        """Give a page to the writer, or to the disk spool while the database is away; False once stopping.
-
-        Pages go to the spool whenever it already holds some, so that they are always committed in order.
-        """
-        full_logged = False
-        while True:
-            if self.database_ready.is_set() and self.state.database_up and not self.disk_spool.has_pages():
-                # Listed before the put: the writer may take and commit the page before this task resumes.
-                self._in_memory.append(page)
-                try:
-                    await asyncio.wait_for(handoff.put(page), timeout=1.0)
-                    return True
-                except TimeoutError:
-                    self._in_memory.pop()  # not queued (wait_for never returns a put that happened)
-                    self.state.poll_progress += 1  # waiting for the writer (back-pressure) is not a stall
-                    continue
-            was_empty = not self.disk_spool.has_pages()
-            # Uncommitted pages in memory are older than this one: spooled first (the writer still commits
-            # them from the queue; their second write from the spool is a harmless "duplicates skipped").
-            pages = [*self._in_memory, page] if was_empty else [page]
-            try:
-                self.disk_spool.append_many([_spooled(item) for item in pages])
-            except (spool.SpoolFull, OSError) as error:
-                # Full, or the disk refused (ENOSPC, EIO): polling waits on this page, the API keeps the rest.
-                if not full_logged:
-                    log.error(
-                        "spool_full_polling_paused",
-                        spool_bytes=self.disk_spool.size,
-                        limit_mb=self.settings.spool_max_mb,
-                        error=logs.mask(str(error)),
-                        hint="database unreachable; nothing is dropped: the API keeps what is not fetched",
-                    )
-                    full_logged = True
-                self.state.poll_progress += 1
-                if await waits.wait_for_stop(self.stop, 1.0):
-                    return False
-                continue
-            if was_empty:
-                log.warning("spooling_to_disk", path=str(self.disk_spool.path), uncommitted=len(pages) - 1)
-            self._spool_gauge()
-            return True
-
-    async def _write(
-        self, pool: db.Pool, handoff: asyncio.Queue[ParsedPage], poller: asyncio.Task[None]
-    ) -> None:
-        """Commit pages in order (queued ones are older than spooled ones); after a stop, drain, then end.
-        Nothing is written before the database is ready; a stop while the database is away ends the writer
-        with the pages uncommitted (spooled, or read again from the committed position at the next start)."""
-        try:
-            await self._database_ready_within(None)
-            await self._write_pages(pool, handoff, poller)
-        except _Stopping:
-            log.warning("writer_stopped_database_unavailable", pages_not_written=handoff.qsize())
-
-    async def _write_pages(
-        self, pool: db.Pool, handoff: asyncio.Queue[ParsedPage], poller: asyncio.Task[None]
-    ) -> None:
-        while True:
-            if not handoff.empty():
-                await self._commit_queued(pool, self._waiting_pages(handoff.get_nowait(), handoff))
-            elif (spooled := self.disk_spool.next_page()) is not None:
-                end_offset, spooled_page = spooled
-                await self._commit(pool, [self._parsed(spooled_page, spooled_page.asked)])
-                self.disk_spool.committed(end_offset)
-                await self._record_failures(pool)  # damaged records met on the way
-                self._spool_gauge()
-                if not self.disk_spool.has_pages():
-                    log.info("spool_drained")
-            elif poller.done():
-                return
-            else:
-                try:
-                    page = await asyncio.wait_for(handoff.get(), timeout=0.5)
-                except TimeoutError:
-                    # Idle is healthy: the watchdog must not take it for a stall.
-                    self.state.write_progress += 1
-                    continue
-                await self._commit_queued(pool, self._waiting_pages(page, handoff))
-
-    async def _commit_queued(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
-        await self._commit(pool, pages)
-        for page in pages:
-            if self._in_memory and self._in_memory[0] is page:
-                self._in_memory.popleft()
-
-    @staticmethod
-    def _waiting_pages(first: ParsedPage, handoff: asyncio.Queue[ParsedPage]) -> list[ParsedPage]:
-        """`first` and the pages queued behind it, up to `MERGE_EVENTS` events: one transaction for all."""
-        pages = [first]
-        events = len(first.events)
-        while not handoff.empty() and events < MERGE_EVENTS:
-            page = handoff.get_nowait()
-            pages.append(page)
-            events += len(page.events)
-        return pages
-
-    def _spool_gauge(self) -> None:
-        self.state.spool_bytes = self.disk_spool.pending_bytes
-        metrics.SPOOL_BYTES.set(self.state.spool_bytes)
-
-    def _parsed(self, page: events_api.Page | spool.SpooledPage, asked: ingest.Asked | None) -> ParsedPage:
-        batch = ingest.parse_page(
-            page.events,
-            broadcaster=self.settings.cb_username,
-            received_at=page.received_at,
-            next_event_id=page.next_event_id,
-            finite_numbers=isinstance(page, events_api.Page) and page.finite_numbers,
-            asked=asked,
-        )
-        return ParsedPage(page.events, page.next_event_id, page.received_at, batch, asked)
-
-    async def _commit(self, pool: db.Pool, pages: list[ParsedPage]) -> None:
-        batch = ingest.merge([page.batch for page in pages])
-        result = await self._store(pool, batch)
-        self.first_commit.set()
-        self._account(result)
-        self.position.committed(batch.next_event_id)
-        if self._unrecorded:
-            await self._record_failures(pool)
-        if result.sessions_opened or result.sessions_closed:
-            self.state.live_session_id = await self._retry_storage(
-                "live_session", lambda: self._live_session(pool)
-            )
-
-    async def _store(self, pool: db.Pool, batch: ingest.Batch) -> db.WriteResult:
-        """Commit `batch`, waiting out every transient refusal. A batch PostgreSQL refuses for what it holds
-        is stored in halves until each refused event stands alone; that event goes to quarantine with the
-        database's reason, and everything else is stored."""
-        try:
-            return await self._retry_storage(
-                "write_batch",
-                lambda: db.write_batch(
-                    pool,
-                    batch,
-                    cursor_broadcaster=self.settings.cb_username,
-                    timeout_seconds=self.settings.cb_events_timeout,
-                ),
-            )
-        except errors.StorageError as error:
-            if not batch.events and len(batch.quarantined) < 2:
-                raise  # a quarantine row refused: a bug of ours, not of the event
-            reason = logs.mask(f"refused by PostgreSQL: {error}")
-        if len(batch.events) == 1 and not batch.quarantined:
-            event = batch.events[0]
-            log.error("event_refused_quarantined", event_id=event.event_id, method=event.method, error=reason)
-            batch = dataclasses.replace(
-                batch,
-                events=[],
-                interactions=[],
-                session_changes=[],
-                quarantined=[ingest.refused(event, reason)],
-                unknown_methods=0,
-                events_received_at=[],
-            )
-            return await self._store(pool, batch)
-        log.warning(
-            "batch_refused_splitting",
-            events=len(batch.events),
-            quarantined=len(batch.quarantined),
-            error=reason,
-        )
-        first, second = ingest.split(batch)
-        return db.combined(await self._store(pool, first), await self._store(pool, second))
-
-    async def _retry_storage(self, operation: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run `attempt` until the database takes it, retrying every transient refusal (unreachable,
-        read-only, full, busy, timed out) with capped, jittered backoff. Each attempt is shielded, so a stop
-        never cuts a commit halfway; a stop during a wait between attempts raises `_Stopping`. Other
-        storage errors (a refusal of the content) propagate."""
-
-        async def pause(seconds: float) -> None:
-            self.state.write_progress += 1  # retrying is alive, not wedged
-            if await waits.wait_for_stop(self.stop, seconds):
-                raise _Stopping
-
-        def unavailable(retry: tenacity.RetryCallState) -> None:
-            self.state.database_up = False
-            metrics.DATABASE_UP.set(0)
-            error = retry.outcome.exception() if retry.outcome else None
-            log.warning(
-                "database_unavailable",
-                operation=operation,
-                attempt=retry.attempt_number,
-                retry_in_s=round(retry.upcoming_sleep, 1),
-                error=logs.mask(str(error)),
-            )
-
-        retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(errors.DatabaseUnavailable),
-            wait=STORAGE_BACKOFF,
-            sleep=pause,
-            before_sleep=unavailable,
-            reraise=True,
-        )
-        async for try_ in retrying:
-            with try_:
-                result = await asyncio.shield(attempt())
-                self.state.database_up = True
-                return result
-        raise AssertionError("tenacity stopped retrying, but it has no stop condition")  # pragma: no cover
-
-    async def _live_session(self, pool: db.Pool) -> str | None:
-        session_id = await db.live_session_id(pool, self.settings.cb_username)
-        return str(session_id) if session_id else None
-
-    def _account(self, result: db.WriteResult) -> None:
-        """Keep the runtime state current (the writer already counted the metrics and logged the batch)."""
-        state = self.state
-        state.write_progress += 1
-        state.events_stored += result.new_events
-        state.duplicates_skipped += result.duplicates
-        state.quarantined += result.quarantined
-        if result.newest_event_time is not None:
-            state.last_event_time = result.newest_event_time.replace(tzinfo=dt.UTC).timestamp()
 
     async def _poll_sleep(self, seconds: float) -> None:
         """The client's waits (backoff, Retry-After, a rejected token's slow retry) are deliberate, not a
@@ -713,11 +510,3 @@ async def run_session_staleness(
             log.warning("session_staleness_check_skipped", error=logs.mask(str(error)))
         if await waits.wait_for_stop(stop, max(0.0, due - monotonic())):
             return
-
-
-class _Stopping(Exception):  # a signal between our own functions, not an error
-    """The daemon stops while a task waits for the database: the work in hand is left uncommitted."""
-
-
-def _spooled(page: ParsedPage) -> spool.SpooledPage:
-    return spool.SpooledPage(page.events, page.next_event_id, page.received_at, page.asked)

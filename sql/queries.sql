@@ -211,10 +211,10 @@ SELECT max(occurred_at) FROM api_failures WHERE api = $1 AND error_kind = ANY($2
 
 -- name: due_member_lookups
 -- Persons seen in events or on a watchlist whose newest member snapshot is older than $3 (or absent), skipping
--- excluded persons, the broadcaster ($2), names the API did not know since $4 and names now resolving to
--- another person. A snapshot or miss stamped after $6 (now) was written while the wall clock ran ahead: it
--- does not count, so no clock jump can hold a lookup back. Tippers first, then people
--- who messaged, then watchlist members, then the rest; never-snapshotted before stale within a rank.
+-- excluded persons, the broadcaster ($2) and every room's, names the API did not know since $4 and names now
+-- resolving to another person. A snapshot or miss stamped after $6 (now) was written while the wall clock ran
+-- ahead: it does not count, so no clock jump can hold a lookup back. Tippers first, then people who messaged,
+-- then watchlist members, then the rest; never-snapshotted before stale within a rank.
 WITH reasons AS (
   SELECT i.person_id,
     bool_or(i.type = 'TIP_EVENT') AS tipped,
@@ -241,6 +241,7 @@ LEFT JOIN LATERAL (
 ) newest ON true
 LEFT JOIN snapshot_misses miss ON miss.person_id = p.id AND miss.source = 'statbate_member'
 WHERE p.platform = $1 AND NOT COALESCE(p.is_excluded, false) AND p.username <> $2
+  AND NOT EXISTS (SELECT 1 FROM rooms r WHERE r.name = p.username)  -- every room's broadcaster, too
   AND (newest.captured_at IS NULL OR newest.captured_at <= $3)
   AND (miss.missed_at IS NULL OR miss.missed_at <= $4 OR miss.missed_at > $6)
   -- A name that is now another person's current alias (a rename linked by did) is that person's to refresh.
@@ -426,3 +427,25 @@ SELECT * FROM (
 
 -- name: snapshot_counts
 SELECT source, count(*) AS snapshots, max(captured_at) AS newest FROM snapshots GROUP BY source ORDER BY source;
+
+-- ---------------------------------------------------------------------------------------------------------------
+-- Rooms (issue 11).
+
+-- name: add_room
+-- A new room, or an existing one enabled again; true when the row is new.
+INSERT INTO rooms AS r (name) VALUES ($1)
+ON CONFLICT (name) DO UPDATE SET enabled = true, updated_at = CASE WHEN r.enabled THEN r.updated_at ELSE NOW() END
+RETURNING (xmax = 0) AS added;
+
+-- name: set_room_enabled
+UPDATE rooms SET enabled = $2, updated_at = NOW() WHERE name = $1 RETURNING name;
+
+-- name: enabled_rooms
+SELECT name FROM rooms WHERE enabled ORDER BY name;
+
+-- name: list_rooms
+-- Every room of the table or of the cursor (a single-room daemon's room has no row), with its read position.
+SELECT COALESCE(r.name, c.broadcaster) AS name, r.enabled, r.added_at, c.last_event_id, c.updated_at AS polled_at
+FROM rooms r
+FULL JOIN ingest_cursor c ON c.broadcaster = r.name
+ORDER BY 1;

@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 import yarl
 
-from daemon import db, errors, ingest, metrics, spool, supervisor
+from daemon import db, errors, ingest, metrics, room_unit, spool
 from daemon.simulator import events, traffic
 from tests import chaos_support as chaos
 from tests import event_samples as sample
@@ -308,8 +308,8 @@ def test_a_page_goes_to_the_spool_with_how_it_was_asked_for() -> None:
     batch = ingest.parse_page(
         [], broadcaster=sample.ROOM, received_at=sample.RECEIVED, next_event_id=sample.event_id(MINUTE_MS)
     )
-    parsed = supervisor.ParsedPage([], sample.event_id(MINUTE_MS), sample.RECEIVED, batch, asked)
-    spooled = spool.decode(spool.encode(supervisor._spooled(parsed)))
+    parsed = room_unit.ParsedPage([], sample.event_id(MINUTE_MS), sample.RECEIVED, batch, asked)
+    spooled = spool.decode(spool.encode(room_unit._spooled(parsed)))
     assert spooled is not None and spooled.asked == asked
 
 

@@ -246,13 +246,17 @@ class EventsSimulator:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def _open(self) -> None:
+        """Make the backlog available (at once, or from now on at `rate`) and accept requests."""
         self._closing.clear()
         now, wall = time.monotonic(), time.time()
         for index, event in enumerate(self._initial):
             offset = index / self.rate if self.rate else 0.0
             self._add(event, now + offset, wall + offset)
         self._initial = []
+
+    async def start(self) -> None:
+        self._open()
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -590,6 +594,62 @@ def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = No
     return web.Response(
         status=status, text=_encode(body), content_type="application/json", headers=headers or {}
     )
+
+
+@dataclass
+class RoomsSimulator:
+    """Many rooms' Events API on one server, as the real API serves every room from one host: each room is an
+    `EventsSimulator` of its own (its token, backlog or rate, faults and request log), reached by its path.
+    Rooms may be added while it runs. Use as `async with RoomsSimulator(rooms) as sim:`."""
+
+    rooms: list[EventsSimulator] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        self.by_name = {room.username: room for room in self.rooms}
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+
+    def add(self, room: EventsSimulator) -> EventsSimulator:
+        """Serve `room` too (from now on, when the server runs)."""
+        self.by_name[room.username] = room
+        if self._runner is not None:
+            room.base_url = self.base_url
+            room._open()
+        return room
+
+    @property
+    def request_count(self) -> int:
+        return sum(room.request_count for room in self.by_name.values())
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        room = self.by_name.get(request.match_info["username"])
+        if room is None:
+            return _json({"status": "unauthorized"}, 401)
+        return await room._handle(request)
+
+    async def __aenter__(self) -> RoomsSimulator:
+        app = web.Application()
+        app.router.add_get("/events/{username}/{token}/", self._handle)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = int(self._runner.addresses[0][1])
+        self.base_url = f"http://{self.host}:{self.port}"
+        for room in self.by_name.values():
+            room.base_url = self.base_url
+            room._open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for room in self.by_name.values():
+            room._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
 
 def create_app(simulator: EventsSimulator) -> web.Application:

@@ -1,0 +1,211 @@
+"""Issue 11: many rooms in one daemon, as a user runs it: `rooms add/disable`, token files, SIGHUP, /status.
+
+One simulator serves every room (each its own token and backlog); the daemon is a real child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from daemon.simulator import events as simulator
+from daemon.simulator import traffic
+from tests import chaos_support as chaos
+from tests.daemon_process import daemon_env, run_command, running_daemon, wait_for_count
+
+BACKLOG = 600
+
+
+def _room(name: str, count: int = BACKLOG, **options: Any) -> simulator.EventsSimulator:
+    """A room whose backlog has the same ids as every other room's built here (same seed and start)."""
+    stream = traffic.build(count, seed=7, broadcaster=name)
+    return simulator.EventsSimulator(
+        username=name, token=f"token-of-{name}-0123456789", events=stream.events, **options
+    )
+
+
+def _multi_room_env(tmp_path: Path, database_url: str, base_url: str) -> dict[str, str]:
+    env = daemon_env(
+        database_url=database_url,
+        events_base_url=base_url,
+        data_dir=tmp_path / "data",
+        MHC_TOKENS_DIR=str(tmp_path / "tokens"),
+    )
+    del env["MHC_CB_USERNAME"], env["MHC_CB_EVENTS_TOKEN"]
+    (tmp_path / "tokens").mkdir(mode=0o700)
+    return env
+
+
+def _give_token(tmp_path: Path, name: str, token: str) -> None:
+    path = tmp_path / "tokens" / f"{name}.events"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+
+
+def _rooms_command(env: dict[str, str], tmp_path: Path, *args: str) -> str:
+    result = run_command(["rooms", *args], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+async def stored_ids_by_room(connection: asyncpg.Connection) -> dict[str, Counter[str]]:
+    rows = await connection.fetch("SELECT broadcaster, event_id FROM events")
+    found: dict[str, Counter[str]] = {}
+    for row in rows:
+        found.setdefault(row["broadcaster"], Counter())[row["event_id"]] += 1
+    return found
+
+
+def _delivered_ids(room: simulator.EventsSimulator) -> Counter[str]:
+    return Counter(entry.event["id"] for entry in room._entries)
+
+
+async def _status(http: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    async with http.get(f"{base}/status") as response:
+        body: dict[str, Any] = await response.json()
+    return body
+
+
+async def _until(check: Any, within: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await check():
+        assert loop.time() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_rooms_are_added_disabled_and_paused_one_at_a_time_while_the_daemon_runs(
+    tmp_path: Path, database_url: str, connection: asyncpg.Connection
+) -> None:
+    alice, bob, carol = _room("alice_cam"), _room("bob_cam"), _room("carol_cam")
+    async with simulator.RoomsSimulator([alice, bob, carol]) as server, aiohttp.ClientSession() as http:
+        env = _multi_room_env(tmp_path, database_url, server.base_url)
+        for room in (alice, bob):
+            _give_token(tmp_path, room.username, room.token)
+        _give_token(tmp_path, carol.username, "a-token-the-api-rejects-000")
+        for name in ("alice_cam", "bob_cam", "carol_cam"):
+            assert f"room {name} added" in _rooms_command(env, tmp_path, "add", name)
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            base = await chaos.health_url(daemon)
+
+            async def drained(*rooms: simulator.EventsSimulator) -> bool:
+                stored = await stored_ids_by_room(connection)
+                return all(stored.get(room.username) == _delivered_ids(room) for room in rooms)
+
+            await _until(lambda: drained(alice, bob), 60, "alice and bob drained")
+            # The same ids in two rooms: each room has all of its own, once.
+            assert _delivered_ids(alice).keys() == _delivered_ids(bob).keys()
+            # Carol's token is rejected: her room alone is paused, recorded and visible.
+            rooms = {room["name"]: room for room in (await _status(http, base))["rooms"]}
+            assert rooms["carol_cam"]["state"] == "token_rejected", rooms
+            assert rooms["alice_cam"]["state"] == "polling" and rooms["alice_cam"]["events_stored"] == BACKLOG
+            rejected = await connection.fetchval(
+                "SELECT count(*) FROM api_failures"
+                " WHERE error_kind = 'auth_rejected' AND url LIKE '%carol_cam%'"
+            )
+            assert rejected >= 1
+            assert "carol_cam" not in (await stored_ids_by_room(connection))
+            async with http.get(f"{base}/metrics") as response:
+                exposed = await response.text()
+            assert chaos.metric_value(exposed, 'mhc_room_token_rejected{room="carol_cam"}') == 1
+            assert chaos.metric_value(exposed, 'mhc_room_token_rejected{room="alice_cam"}') == 0
+            assert chaos.metric_value(exposed, 'mhc_room_events_total{room="bob_cam"}') == BACKLOG
+
+            # A room added while running is polled after a SIGHUP, without a restart.
+            dave = server.add(_room("dave_cam", 300))
+            _give_token(tmp_path, dave.username, dave.token)
+            _rooms_command(env, tmp_path, "add", "dave_cam")
+            # Bob is disabled: his unit stops; events he gets later are not fetched.
+            assert "room bob_cam disabled" in _rooms_command(env, tmp_path, "disable", "bob_cam")
+            daemon.signal(signal.SIGHUP)
+            await _until(lambda: drained(dave), 60, "dave drained")
+            await daemon.wait_for_log("room_stopped")
+            asked = bob.request_count
+            await bob.append(
+                traffic.build(50, seed=8, broadcaster="bob_cam", start_ms=traffic.DEFAULT_START_MS * 2).events
+            )
+            await alice.append(
+                traffic.build(
+                    50, seed=8, broadcaster="alice_cam", start_ms=traffic.DEFAULT_START_MS * 2
+                ).events
+            )
+            await _until(lambda: drained(alice), 30, "alice's new events stored")
+            # The long-poll in flight at the stop is logged by the simulator when it ends (at the append).
+            assert bob.request_count <= asked + 1, "a disabled room is not polled"
+            assert sum((await stored_ids_by_room(connection))["bob_cam"].values()) == BACKLOG
+
+            listing = json.loads(_rooms_command(env, tmp_path, "list", "--json"))
+            states = {item["name"]: (item["state"], item["token_file"]) for item in listing}
+            assert states == {
+                "alice_cam": ("enabled", True),
+                "bob_cam": ("disabled", True),
+                "carol_cam": ("enabled", True),
+                "dave_cam": ("enabled", True),
+            }
+            assert next(item for item in listing if item["name"] == "dave_cam")["last_event_id"]
+            assert "bob_cam" not in {room["name"] for room in (await _status(http, base))["rooms"]}
+            pid = daemon.process.pid
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait(30) == 0
+        stored = await stored_ids_by_room(connection)
+        for room in (alice, dave):
+            assert stored[room.username] == _delivered_ids(room), room.username
+        counts = {name: sum(ids.values()) for name, ids in stored.items()}
+        print(f"\none daemon (pid {pid}) stored {counts}")
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(900)
+async def test_kill_9_ten_times_while_twenty_rooms_drain_their_backlogs(
+    tmp_path: Path, database_url: str, connection: asyncpg.Connection
+) -> None:
+    """Every room's stored ids equal its delivered ids, each once, after ten kills at random instants."""
+    per_room, count = 2_000, 20
+    served = [_room(f"room_{index:02d}", per_room) for index in range(count)]
+    total = per_room * count
+    rng = random.Random(11)  # reproducible kill moments
+    thresholds = sorted(rng.sample(range(2_000, total - 4_000), 10))
+    async with simulator.RoomsSimulator(served) as server:
+        env = _multi_room_env(tmp_path, database_url, server.base_url)
+        env["MHC_LOG_LEVEL"] = "info"
+        for room in served:
+            _give_token(tmp_path, room.username, room.token)
+            _rooms_command(env, tmp_path, "add", room.username)
+        log_path = tmp_path / "daemon.log"
+        for run, threshold in enumerate(thresholds, start=1):
+            async with running_daemon(env, log_path) as daemon:
+                await chaos.wait_for_log_event(daemon, "polling_started", count=run * count, within=60)
+                started_with = int(await connection.fetchval("SELECT count(*) FROM events"))
+                target = min(max(threshold, started_with + 1), total)
+                await wait_for_count(
+                    connection, "SELECT count(*) FROM events", at_least=target, within=300, process=daemon
+                )
+                await asyncio.sleep(rng.uniform(0.0, 0.25))  # mid-fetch, mid-transaction or between
+                await daemon.kill()
+            stored_now = await connection.fetchval("SELECT count(*) FROM events")
+            print(f"[20 rooms, kill -9 #{run}] {stored_now} stored")
+        async with running_daemon(env, log_path) as daemon:
+            await wait_for_count(
+                connection, "SELECT count(*) FROM events", at_least=total, within=300, process=daemon
+            )
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait(60) == 0
+    stored = await stored_ids_by_room(connection)
+    for room in served:
+        assert stored[room.username] == _delivered_ids(room), room.username  # each id once: counts are 1
+    assert all(set(ids.values()) == {1} for ids in stored.values())
+    interactions = await connection.fetchval(
+        "SELECT count(*) FROM (SELECT DISTINCT COALESCE(metadata->>'room', metadata->>'broadcaster'),"
+        " metadata->>'event_id' FROM interactions WHERE source = 'cb_events') keys"
+    )
+    assert interactions == await connection.fetchval("SELECT count(*) FROM interactions")
+    print(f"[20 rooms, kill -9 x10] {total} events of {count} rooms stored exactly once")
