@@ -169,11 +169,11 @@ async def test_kill_9_ten_times_while_twenty_rooms_drain_their_backlogs(
     tmp_path: Path, database_url: str, connection: asyncpg.Connection
 ) -> None:
     """Every room's stored ids equal its delivered ids, each once, after ten kills at random instants."""
-    per_room, count = 2_000, 20
+    per_room, count = 4_000, 20
     served = [_room(f"room_{index:02d}", per_room) for index in range(count)]
     total = per_room * count
     rng = random.Random(11)  # reproducible kill moments
-    thresholds = sorted(rng.sample(range(2_000, total - 4_000), 10))
+    thresholds = sorted(rng.sample(range(2_000, total - 20_000), 10))  # the last kills still mid-drain
     async with simulator.RoomsSimulator(served) as server:
         env = _multi_room_env(tmp_path, database_url, server.base_url)
         env["MHC_LOG_LEVEL"] = "info"
@@ -197,6 +197,7 @@ async def test_kill_9_ten_times_while_twenty_rooms_drain_their_backlogs(
             await wait_for_count(
                 connection, "SELECT count(*) FROM events", at_least=total, within=300, process=daemon
             )
+            await chaos.wait_for_log_event(daemon, "polling_started", count=(len(thresholds) + 1) * count)
             daemon.signal(signal.SIGTERM)
             assert await daemon.wait(60) == 0
     stored = await stored_ids_by_room(connection)
