@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import harness, latency, memory, startup, throughput
+from bench import harness, latency, memory, rooms, startup, throughput
 
 RESULTS = Path(__file__).with_name("results.json")
-STEPS = ("throughput", "latency", "memory", "startup")
+STEPS = ("throughput", "latency", "memory", "startup", "rooms")
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,13 @@ class Sizes:
     throughput_events: int
     memory_events: int
     startup_runs: int
+    rooms: int
+    live_rooms: int
+    rooms_seconds: float
 
 
-FULL = Sizes(throughput_events=200_000, memory_events=1_000_000, startup_runs=5)
-QUICK = Sizes(throughput_events=20_000, memory_events=100_000, startup_runs=3)
+FULL = Sizes(200_000, 1_000_000, startup_runs=5, rooms=500, live_rooms=50, rooms_seconds=30.0)
+QUICK = Sizes(20_000, 100_000, startup_runs=3, rooms=50, live_rooms=5, rooms_seconds=10.0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the daemons' logs and data in DIR")
     parser.add_argument(
+        "--plain-http", action="store_true", help="serve plain HTTP instead of HTTPS (for comparison)"
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="FILE",
@@ -91,14 +98,15 @@ def machine() -> dict[str, Any]:
 
 async def _run(args: argparse.Namespace, work: Path) -> tuple[list[Figure], dict[str, Any]]:
     sizes = QUICK if args.quick else FULL
-    sizes = Sizes(
+    sizes = dataclasses.replace(
+        sizes,
         throughput_events=args.throughput_events or sizes.throughput_events,
         memory_events=args.memory_events or sizes.memory_events,
-        startup_runs=sizes.startup_runs,
     )
+    harness.HTTPS = not args.plain_http
     steps = [step.strip() for step in args.only.split(",") if step.strip()]
     figures: list[Figure] = []
-    details: dict[str, Any] = {"machine": machine(), "quick": args.quick}
+    details: dict[str, Any] = {"machine": machine(), "quick": args.quick, "https": harness.HTTPS}
     with harness.server_url(args.database_url) as server:
         async with harness.databases(server) as databases:
             details["postgres"] = await databases.server_facts()
@@ -140,7 +148,58 @@ async def _run(args: argparse.Namespace, work: Path) -> tuple[list[Figure], dict
                         "s",
                     )
                 )
+            if "rooms" in steps:
+                figures += await _rooms(databases, sizes, work, details)
     return figures, details
+
+
+async def _rooms(
+    databases: harness.Databases, sizes: Sizes, work: Path, details: dict[str, Any]
+) -> list[Figure]:
+    rate = 20.0
+    _say(
+        f"rooms: {sizes.rooms} rooms, {sizes.live_rooms} live at {rate:g} events/s"
+        f" for {sizes.rooms_seconds:g} s"
+    )
+    result = await rooms.many(
+        databases, work, rooms=sizes.rooms, active=sizes.live_rooms, rate=rate, seconds=sizes.rooms_seconds
+    )
+    details["rooms"] = {**result.__dict__, "cpu_ms_per_event": result.cpu_ms_per_event}
+    label = f"{result.rooms} rooms, {result.active} live"
+    figures = [
+        Figure(
+            f"{label}: event → commit p50 / p99",
+            f"{result.p50_ms:.1f} / {result.p99_ms:.1f} ms ({result.events:,} events,"
+            f" max {result.max_ms:.0f} ms, {result.missing} unseen)",
+            "p99 ≤ 100 ms",
+            result.p99_ms <= 100 and result.missing == 0,
+            result.p99_ms,
+            "ms",
+        ),
+        Figure(
+            f"{label}: peak RSS",
+            f"{result.peak_rss_mb:.0f} MB",
+            "≤ 300 MB",
+            result.peak_rss_mb <= 300,
+            result.peak_rss_mb,
+            "MB",
+        ),
+    ]
+    drain = details.get("end_to_end")
+    single = drain["daemon_cpu_seconds"] * 1000 / drain["events"] if drain else None
+    figures.append(
+        Figure(
+            f"{label}: daemon CPU per event",
+            f"{result.cpu_ms_per_event:.2f} ms (single-room drain: "
+            f"{'not run' if single is None else f'{single:.2f} ms'}; over {result.seconds:.0f} s"
+            f" the daemon used {result.cpu_seconds:.0f} CPU s, the simulator {result.bench_cpu_seconds:.0f})",
+            "≤ the single-room drain's",
+            None if single is None else result.cpu_ms_per_event <= single,
+            result.cpu_ms_per_event,
+            "ms",
+        )
+    )
+    return figures
 
 
 async def _throughput(

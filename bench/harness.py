@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
+import ssl
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
+import trustme
 
 from daemon import db, migrations
 from daemon.simulator import events as simulator_events
@@ -113,10 +116,35 @@ async def databases(server: str) -> AsyncIterator[Databases]:
         await admin.close()
 
 
+HTTPS = True  # `--plain-http` turns it off, for comparison
+
+
+class Tls:
+    """HTTPS as the real API speaks it: a CA and a certificate for 127.0.0.1 made at run time. The daemon
+    trusts that CA through `SSL_CERT_FILE` (OpenSSL's default verify paths), so its TLS work is measured."""
+
+    def __init__(self) -> None:
+        authority = trustme.CA()
+        self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert("127.0.0.1").configure_cert(self.server)
+        self._directory = tempfile.TemporaryDirectory(prefix="mhc-bench-tls-")
+        self.ca_file = Path(self._directory.name) / "ca.pem"
+        authority.cert_pem.write_to_path(str(self.ca_file))
+
+
+@functools.cache
+def tls() -> Tls:
+    return Tls()
+
+
+def server_tls() -> ssl.SSLContext | None:
+    return tls().server if HTTPS else None
+
+
 def simulator(events: list[dict[str, Any]], *, rate: float | None = None) -> simulator_events.EventsSimulator:
     """The Events API serving `events` in pages of 100 (at once, or paced at `rate` per second)."""
     return simulator_events.EventsSimulator(
-        username=BROADCASTER, token=TOKEN, events=events, rate=rate, page_size=100
+        username=BROADCASTER, token=TOKEN, events=events, rate=rate, page_size=100, ssl_context=server_tls()
     )
 
 
@@ -147,6 +175,7 @@ def daemon_env(database_url: str, events_base_url: str, data_dir: Path, **extra:
         data_dir=data_dir,
         timeout=10,
         MHC_LOG_LEVEL="info",
+        **({"SSL_CERT_FILE": str(tls().ca_file)} if HTTPS else {}),
         **extra,
     )
 

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Many rooms: one `NAME.events` token file per room (and `NAME.stats`) here; default: systemd's
     # $CREDENTIALS_DIRECTORY when set
     tokens_dir: Path | None = None
+    # Events API requests per minute of every room together (each room also keeps to the API's 2,000): by
+    # default 60 rooms at the per-room maximum, a guard against a runaway; 2000 if the limit is per client
+    cb_events_max_requests_per_minute: int = Field(default=120_000, ge=60, le=1_000_000)
 
     # Chaturbate Stats API
     cb_stats_url: str = "https://chaturbate.com/statsapi/"

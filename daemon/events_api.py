@@ -140,8 +140,10 @@ def resolve_next_url(base: yarl.URL, raw: object) -> yarl.URL | None:
 class RequestLimiter:
     """At most `limit` requests in any `period` seconds (the API's own rule: a backlog may use a whole
     minute's allowance at once). The poller spaces requests once caught up, so a live room never burns it in a
-    burst. Times are logical: a wait counts as done. One limiter may serve every room's client: the API's
-    2,000 requests a minute do not say whether they count per token or per client."""
+    burst. Times are logical: a wait counts as done. Each room's client has its own (the API's documented
+    2,000 a minute); one more, shared by every room, caps the process
+    (`MHC_CB_EVENTS_MAX_REQUESTS_PER_MINUTE`): the documentation does not say whether the 2,000 count per
+    token or per client."""
 
     def __init__(self, limit: int, period: float, sleep: api_http.Sleep) -> None:
         self._limit = max(1, limit)
@@ -186,7 +188,7 @@ class EventsClient:
         backoff_max: float = 60.0,
         auth_retry_seconds: float = 300.0,
         max_requests_per_minute: int = 2000,
-        limiter: RequestLimiter | None = None,
+        process_limiter: RequestLimiter | None = None,
         backoff_initial: float = 1.0,
         read_margin: float = READ_MARGIN,
         sleep: api_http.Sleep = asyncio.sleep,
@@ -211,7 +213,8 @@ class EventsClient:
         self._auth_retry_seconds = auth_retry_seconds
         self._read_margin = read_margin
         self._sleep = sleep
-        self._limiter = limiter or RequestLimiter(max_requests_per_minute, 60.0, sleep)
+        self._limiter = RequestLimiter(max_requests_per_minute, 60.0, sleep)
+        self._process_limiter = process_limiter
 
     def __repr__(self) -> str:
         return (
@@ -245,6 +248,8 @@ class EventsClient:
 
     async def _attempt(self, url: EventsUrl, attempt: int) -> Page:
         await self._limiter.acquire()
+        if self._process_limiter is not None:
+            await self._process_limiter.acquire()
         try:
             response = await self._get(url)
             page = await self._page(url, response, attempt)

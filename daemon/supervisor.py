@@ -90,8 +90,10 @@ class Supervisor:
         self.credentials = credentials.Credentials(self.settings)
         self.token_files = rooms.TokenFiles(rooms.tokens_dir(self.settings))
         self.token_files.scan()
-        # One request limit for the process: the API's 2,000 a minute do not say per what.
-        self.limiter = events_api.RequestLimiter(2000, 60.0, self._poll_sleep)
+        # A limit for the process besides each room's own: the API's 2,000 a minute do not say per what.
+        self.limiter = events_api.RequestLimiter(
+            self.settings.cb_events_max_requests_per_minute, 60.0, self._poll_sleep
+        )
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0) or until an event-path task fails unexpectedly (the error
@@ -325,7 +327,7 @@ class Supervisor:
             max_body_bytes=settings.api_max_body_bytes,
             backoff_max=self.backoff_max,
             auth_retry_seconds=self.auth_retry_seconds,
-            limiter=self.limiter,
+            process_limiter=self.limiter,
             sleep=self._poll_sleep,
         )
         directory = settings.data_dir if single else settings.data_dir / "rooms" / name

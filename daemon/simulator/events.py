@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import json
 import random
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -228,6 +229,7 @@ class EventsSimulator:
     foreign_base: str = FOREIGN_BASE
     host: str = "127.0.0.1"
     port: int = 0
+    ssl_context: ssl.SSLContext | None = None  # serve HTTPS, as the real API does
 
     def __post_init__(self) -> None:
         self.requests: list[RecordedRequest] = []
@@ -259,11 +261,11 @@ class EventsSimulator:
         self._open()
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         address = self._runner.addresses[0]
         self.port = int(address[1])
-        self.base_url = f"http://{self.host}:{self.port}"
+        self.base_url = f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     async def stop(self) -> None:
         self._closing.set()  # releases hanging handlers so shutdown does not wait for them
@@ -605,6 +607,7 @@ class RoomsSimulator:
     rooms: list[EventsSimulator] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 0
+    ssl_context: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         self.by_name = {room.username: room for room in self.rooms}
@@ -634,9 +637,9 @@ class RoomsSimulator:
         app.router.add_get("/events/{username}/{token}/", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context).start()
         self.port = int(self._runner.addresses[0][1])
-        self.base_url = f"http://{self.host}:{self.port}"
+        self.base_url = f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
         for room in self.by_name.values():
             room.base_url = self.base_url
             room._open()
