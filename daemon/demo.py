@@ -1,8 +1,10 @@
 """`mhc-daemon demo`: the whole daemon against local simulators and a throw-away embedded PostgreSQL.
 
 Needs no token and no database server: simulated Events, Statbate and Stats APIs on 127.0.0.1 feed the real
-supervisor, which writes into an embedded PostgreSQL in a temporary directory. A live line shows the flow;
-a short report of what was stored follows.
+supervisor, which writes into an embedded PostgreSQL in a temporary directory. Three rooms are captured: the
+single-room settings' room (with the Stats API) and two rooms added as rows with token files, as a studio
+would; their event ids coincide, as ids of different rooms may. A live line shows the flow; a short report of
+what was stored follows.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import TextIO
 
 from pydantic import SecretStr
 
-from daemon import config, database_server, db, reports, supervisor
+from daemon import config, database_server, db, migrations, reports, supervisor
 from daemon.simulator import events, statbate, stats, traffic
 
 BROADCASTER = "alice_cam"
+OTHER_ROOMS = ("bob_cam", "carol_cam")  # rows of `rooms`, with token files
 EVENTS_TOKEN = "demo0events0token0000000"  # noqa: S105  # the local simulator's token, not a real one
 STATBATE_TOKEN = "demo-statbate-token"  # noqa: S105
 STATS_TOKEN = "demo0stats0token00000000"  # noqa: S105
@@ -31,6 +34,7 @@ FAULTS = events.FaultRates(server_error=0.02, rate_limited=0.01, malformed=0.02,
 JUMP_MINUTES = 1.0
 
 _REPORT_QUERIES = {
+    "events by room": "SELECT broadcaster, count(*) FROM events GROUP BY 1 ORDER BY 1",
     "interactions by type": "SELECT type, count(*) FROM interactions GROUP BY type ORDER BY count(*) DESC",
     "stream sessions": "SELECT status, count(*) FROM stream_sessions GROUP BY status ORDER BY status",
     "API failures recorded": (
@@ -46,13 +50,26 @@ async def run(*, duration: float, rate: float, keep: Path | None, out: TextIO = 
         # Stamped from now, as a live room's events are: with the generator's fixed 2025 start, the session
         # staleness rule rightly ended the demo's show a year after its last event.
         now_ms = int(time.time() * 1000)
-        backlog = traffic.generate(
-            int(duration * rate) + 200, seed=7, broadcaster=BROADCASTER, start_ms=now_ms, end_live=True
+        count = int(duration * rate) + 200
+        backlog = traffic.generate(count, seed=7, broadcaster=BROADCASTER, start_ms=now_ms, end_live=True)
+        events_sim = events.EventsSimulator(
+            username=BROADCASTER, token=EVENTS_TOKEN, events=backlog, rate=rate, rates=FAULTS, seed=7
         )
-        async with (
+        others = [
             events.EventsSimulator(
-                username=BROADCASTER, token=EVENTS_TOKEN, events=backlog, rate=rate, rates=FAULTS, seed=7
-            ) as events_sim,
+                username=name,
+                token=f"{EVENTS_TOKEN}{index}",
+                events=traffic.generate(count // 2, seed=7, broadcaster=name, start_ms=now_ms, end_live=True),
+                rate=rate / 2,
+            )
+            for index, name in enumerate(OTHER_ROOMS)
+        ]
+        tokens_dir = data_dir / "tokens"
+        tokens_dir.mkdir(mode=0o700, exist_ok=True)
+        for room in others:
+            (tokens_dir / f"{room.username}.events").write_text(room.token)
+        async with (
+            events.RoomsSimulator([events_sim, *others]) as rooms_sim,
             statbate.running(token=STATBATE_TOKEN, auto_members=True) as statbate_sim,
             stats.running(username=BROADCASTER, token=STATS_TOKEN) as stats_sim,
         ):
@@ -63,7 +80,8 @@ async def run(*, duration: float, rate: float, keep: Path | None, out: TextIO = 
                     data_dir=data_dir,
                     cb_username=BROADCASTER,
                     cb_events_token=SecretStr(EVENTS_TOKEN),
-                    cb_events_base_url=events_sim.base_url,
+                    cb_events_base_url=rooms_sim.base_url,
+                    tokens_dir=tokens_dir,
                     cb_events_timeout=2,
                     statbate_base_url=statbate_sim.base_url,
                     statbate_token=SecretStr(STATBATE_TOKEN),
@@ -71,9 +89,16 @@ async def run(*, duration: float, rate: float, keep: Path | None, out: TextIO = 
                     cb_stats_token=SecretStr(STATS_TOKEN),
                     health_port=0,
                 )
+                async with db.single_connection(url) as connection:
+                    await migrations.migrate(connection)
+                async with db.open_pool(url) as pool:
+                    for name in OTHER_ROOMS:
+                        await db.add_room(pool, name)
                 daemon = supervisor.Supervisor(settings, backoff_max=1.0, auth_retry_seconds=5.0)
                 print(
-                    f"demo: simulated room {BROADCASTER!r}, {rate:g} events/s, for {duration:g} s", file=out
+                    f"demo: simulated rooms {BROADCASTER} ({rate:g} events/s) and {', '.join(OTHER_ROOMS)}"
+                    f" ({rate / 2:g} events/s each, the same event ids), for {duration:g} s",
+                    file=out,
                 )
                 running = asyncio.create_task(daemon.run())
                 jump = asyncio.get_running_loop().call_later(
@@ -106,7 +131,10 @@ async def _show_progress(
         print(
             f"  {now - started:5.1f}s  {rate:7.1f} events/s  stored {state.events_stored:6d}  "
             f"duplicates {state.duplicates_skipped:4d}  quarantined {state.quarantined:3d}  "
-            f"failures {state.failures:3d}  snapshots {state.snapshots_taken:4d}  session {session}",
+            f"failures {state.failures:3d}  snapshots {state.snapshots_taken:4d}  session {session}  rooms "
+            + " ".join(
+                f"{name.split('_')[0]} {room.events_stored}" for name, room in sorted(state.rooms.items())
+            ),
             end=end,
             file=out,
             flush=True,

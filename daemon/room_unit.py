@@ -41,7 +41,10 @@ from daemon import (
 log = logs.get_logger(__name__)
 T = TypeVar("T")
 
-HANDOFF_PAGES = 20  # pages fetched ahead of the writer; bounded so a stalled database stops polling
+HANDOFF_PAGES = 20  # pages fetched ahead of a room's writer; bounded so a stalled database stops polling
+# Pages fetched and not yet committed, all rooms together: a full page is ~50 KB raw plus its parsed rows, so
+# hundreds of rooms draining backlogs at once stay within the memory bound instead of holding 20 pages each.
+PAGE_BUDGET = 200
 # While a backlog drains, the writer takes every page already waiting (up to this many events) into one
 # transaction: fewer commits and round trips. 20 pages / 2,000 events drained a backlog as fast as 50 / 5,000
 # (bench/throughput.py) with some 40 MB less peak memory; 10 / 1,000 was about 8% slower.
@@ -87,6 +90,8 @@ class Shared:
     first_commit: asyncio.Event
     record_failures: Callable[[], Awaitable[None]]  # writes the failure rows that wait in memory
     failures_waiting: Callable[[], bool]
+    # One memory budget for the pages handed off across all rooms (a page holds one unit until committed).
+    page_budget: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PAGE_BUDGET))
 
 
 @dataclass
@@ -216,6 +221,14 @@ class RoomUnit:
         state, settings = self.shared.state, self.shared.settings
         while True:
             if self.shared.database_ready.is_set() and state.database_up and not self.disk_spool.has_pages():
+                budget = self.shared.page_budget
+                try:
+                    await asyncio.wait_for(budget.acquire(), timeout=1.0)
+                except TimeoutError:
+                    state.poll_progress += 1  # every room's writer is behind: back-pressure, not a stall
+                    if self.stop.is_set():
+                        return False
+                    continue
                 # Listed before the put: the writer may take and commit the page before this task resumes.
                 self._in_memory.append(page)
                 try:
@@ -223,6 +236,7 @@ class RoomUnit:
                     return True
                 except TimeoutError:
                     self._in_memory.pop()  # not queued (wait_for never returns a put that happened)
+                    budget.release()
                     state.poll_progress += 1  # waiting for the writer (back-pressure) is not a stall
                     continue
             was_empty = not self.disk_spool.has_pages()
@@ -298,6 +312,7 @@ class RoomUnit:
     async def _commit_queued(self, pages: list[ParsedPage]) -> None:
         await self._commit(pages)
         for page in pages:
+            self.shared.page_budget.release()
             if self._in_memory and self._in_memory[0] is page:
                 self._in_memory.popleft()
 
