@@ -17,6 +17,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import itertools
 import random
 import signal
@@ -85,6 +86,8 @@ class Supervisor:
     _recording: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     _rescan: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # read the rooms again now
     _table_rooms: set[str] = field(init=False, default_factory=set)  # enabled rows, as last read
+    # Set when a room's token changed: a room waiting out a rejected token asks again at once.
+    _token_changed: dict[str, asyncio.Event] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.credentials = credentials.Credentials(self.settings)
@@ -127,7 +130,10 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP (a reload, a closed terminal): reopen logging, re-read the token files; never a stop."""
         logs.configure(self.settings.log_level, self.settings.log_format)
-        log.info("reloaded", tokens_changed=self.credentials.reload())
+        changed = self.credentials.reload()
+        log.info("reloaded", tokens_changed=changed)
+        if "cb_events_token" in changed and self.single_room in self._token_changed:
+            self._token_changed[self.single_room].set()
         self._rescan.set()
 
     @contextlib.asynccontextmanager
@@ -290,8 +296,9 @@ class Supervisor:
         """The rooms to poll now: the single-room settings' room, and the enabled rows of `rooms` with a token
         file (as last read while the database answered)."""
         changed = self.token_files.scan()
-        for name in changed & self.units.keys():
+        for name in changed & self.units.keys() & self._token_changed.keys():
             log.info("room_token_changed", room=name)
+            self._token_changed[name].set()
         if self.token_files.directory is not None and self.database_ready.is_set():
             try:
                 self._table_rooms = set(await db.enabled_rooms(pool))
@@ -308,6 +315,7 @@ class Supervisor:
         settings = self.settings
         state = runtime_state.RoomState(name)
         single = name == self.single_room
+        token_changed = self._token_changed[name] = asyncio.Event()
         if single:
             token: Callable[[], str] = self.credentials.provider("cb_events_token")
             reload: Callable[[], bool] = self._reload_tokens
@@ -328,7 +336,7 @@ class Supervisor:
             backoff_max=self.backoff_max,
             auth_retry_seconds=self.auth_retry_seconds,
             process_limiter=self.limiter,
-            sleep=self._poll_sleep,
+            sleep=functools.partial(self._poll_sleep, wake=token_changed),
         )
         directory = settings.data_dir if single else settings.data_dir / "rooms" / name
         unit = room_unit.RoomUnit(name, directory, client, shared, state)
@@ -343,8 +351,7 @@ class Supervisor:
                 await unit.run()
             finally:
                 if self.units.get(name) is unit:
-                    del self.units[name]
-                    del self.state.rooms[name]
+                    del self.units[name], self.state.rooms[name], self._token_changed[name]
                     self.state.spool_total()
                 log.info("room_stopped", room=name)
 
@@ -451,15 +458,19 @@ class Supervisor:
                     log.warning("api_failure_recorded_later", waiting=len(self._unrecorded), error=str(error))
                     return
 
-    async def _poll_sleep(self, seconds: float) -> None:
+    async def _poll_sleep(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """The client's waits (backoff, Retry-After, a rejected token's slow retry) are deliberate, not a
-        wedge: they count as poll progress every second, so only a request that never ends stops the pings."""
+        wedge: they count as poll progress every second, so only a request that never ends stops the pings.
+        A set `wake` (the room's token changed) ends the wait within a second."""
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
         while (left := end - loop.time()) > 0:
             if await waits.wait_for_stop(self.stop, min(left, 1.0)):
                 return
             self.state.poll_progress += 1
+            if wake is not None and wake.is_set():
+                wake.clear()
+                return
 
     def _reload_tokens(self) -> bool:
         """After a 401/403: read the token files again; True when that gave the Events API a new token."""

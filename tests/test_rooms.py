@@ -153,11 +153,19 @@ async def test_rooms_are_added_disabled_and_paused_one_at_a_time_while_the_daemo
             }
             assert next(item for item in listing if item["name"] == "dave_cam")["last_event_id"]
             assert "bob_cam" not in {room["name"] for room in (await _status(http, base))["rooms"]}
+
+            # Carol's token file is fixed and SIGHUP sent: her room asks again at once (not after the 5 min
+            # a rejected token waits) and drains.
+            _give_token(tmp_path, carol.username, carol.token)
+            daemon.signal(signal.SIGHUP)
+            await _until(lambda: drained(carol), 30, "carol drained after her token was fixed")
+            rooms = {room["name"]: room for room in (await _status(http, base))["rooms"]}
+            assert rooms["carol_cam"]["state"] == "polling", rooms
             pid = daemon.process.pid
             daemon.signal(signal.SIGTERM)
             assert await daemon.wait(30) == 0
         stored = await stored_ids_by_room(connection)
-        for room in (alice, dave):
+        for room in (alice, carol, dave):
             assert stored[room.username] == _delivered_ids(room), room.username
         counts = {name: sum(ids.values()) for name, ids in stored.items()}
         print(f"\none daemon (pid {pid}) stored {counts}")
