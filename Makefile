@@ -31,7 +31,8 @@ test: lint types
 test-storage: $(STAMP)
 	$(BIN)/pytest -m "storage and not chaos" $(PYTEST_ARGS)
 
-## make chaos: kill -9 while draining, real PostgreSQL stops, an API fault storm, hostile answers; prints exact counts (~9 min)
+## make chaos: kill -9 while draining (one room, twenty rooms), real PostgreSQL stops, an API fault storm, hostile
+## answers; prints exact counts (~12 min)
 chaos: $(STAMP)
 	$(BIN)/pytest -s -m chaos $(PYTEST_ARGS)
 
@@ -39,8 +40,9 @@ chaos: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mhc-daemon demo $(DEMO_ARGS)
 
-## make bench: the benchmarks (throughput vs the COPY limit, live latency, memory, start-up); a table and
-## bench/results.json. BENCH_ARGS=--quick for small sizes, --database-url URL for a server of your own.
+## make bench: the benchmarks, over HTTPS (throughput vs the COPY limit, live latency, memory, start-up, 500
+## rooms in one daemon); a table and bench/results.json. BENCH_ARGS=--quick for small sizes, --plain-http
+## without TLS, --database-url URL for a server of your own.
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

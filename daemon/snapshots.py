@@ -1,9 +1,8 @@
 """Scheduled snapshots: the broadcaster's Stats API figures, its Statbate model info, viewers' member info.
 
-The middle of this module is pure: `normalize_member`, `normalize_stats` and `normalize_model` turn an API
-answer into the `normalized_metrics` the seed describes. The edge is `run_scheduler`, one long-lived task that
-decides what is due from the `snapshots` table itself (so a restart neither repeats nor forgets work), asks
-the APIs under a token-bucket limit and appends rows through `db`.
+What a snapshot holds is `snapshot_metrics`' (pure normalization). This module is the scheduler:
+`run_scheduler`, one long-lived task that decides what is due from the `snapshots` table itself (so a restart
+neither repeats nor forgets work), asks the APIs under a token-bucket limit and appends rows through `db`.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +27,7 @@ from daemon import (
     logs,
     metrics,
     runtime_state,
+    snapshot_metrics,
     statbate_api,
     stats_api,
     waits,
@@ -51,134 +50,6 @@ JITTER_SECONDS = 2.0
 Clock = Callable[[], dt.datetime]
 Monotonic = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
-
-# persons.did and persons.rid are INTEGER (sql/migrations/001): an id outside this range cannot be stored.
-EXTERNAL_ID_RANGE = range(-(2**31), 2**31)
-
-# --- normalization (pure) ---
-
-_MEMBER_NUMBERS = (
-    "did",
-    "all_time_tokens",
-    "last_tip_amount",
-    "models_tipped_2weeks",
-    "models_messaged_2weeks",
-)
-_MEMBER_DATES = ("first_tip_date", "last_tip_date", "first_message_date")
-_STATS_NUMBERS = (
-    "token_balance",
-    "num_followers",
-    "tips_in_last_hour",
-    "votes_up",
-    "votes_down",
-    "satisfaction_score",
-    "num_viewers",
-    "num_registered_viewers",
-    "num_tokened_viewers",
-)
-
-
-def _number(value: Any) -> int | float | None:
-    """A JSON number (or a numeric string) as int or float that jsonb can store; anything else is None.
-
-    jsonb holds any integer but no NaN or infinity: "nan", "1e999", a float already infinite and a digit
-    string beyond Python's 4,300-digit int limit (whose float is infinite) all become None.
-    """
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                return _number(float(text))
-            except ValueError:
-                return None
-    return None
-
-
-def _unwrap(payload: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The entity of a single-entity answer (`{"data": {...}}`) or the item itself (a batch item)."""
-    data = payload.get("data")
-    return data if isinstance(data, Mapping) else payload
-
-
-def normalize_member(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Member info (whole answer or batch item) → metrics. Only keys present in the answer appear, so a field
-    the API stops sending gives a null delta rather than a fake one."""
-    data = _unwrap(payload)
-    metrics_: dict[str, Any] = {}
-    for key in _MEMBER_NUMBERS:
-        if key in data:
-            metrics_[key] = _number(data[key])
-    for key in _MEMBER_DATES:
-        if key in data:
-            metrics_[key] = data[key] if isinstance(data[key], str) and data[key] else None
-    return metrics_
-
-
-def _sentinel(value: Any) -> Any:
-    """The Stats API's -1 means "none" (never broadcast, not online): stored as null."""
-    return None if _number(value) == -1 else value
-
-
-def normalize_stats(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Stats API object → metrics; `time_online` becomes `time_online_minutes`, every -1 becomes null."""
-    metrics_: dict[str, Any] = {}
-    for key in _STATS_NUMBERS:
-        if key in payload:
-            metrics_[key] = _number(_sentinel(payload[key]))
-    if "time_online" in payload:
-        metrics_["time_online_minutes"] = _number(_sentinel(payload["time_online"]))
-    if "last_broadcast" in payload:
-        last = _sentinel(payload["last_broadcast"])
-        metrics_["last_broadcast"] = last if isinstance(last, str) and last else None
-    return metrics_
-
-
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def normalize_model(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Model info → metrics. Session durations keep the API's unit, which its documentation leaves open."""
-    data = _unwrap(payload)
-    sessions: Mapping[str, Any] = _mapping(data.get("sessions"))
-    income: Mapping[str, Any] = _mapping(data.get("income"))
-    metrics_: dict[str, Any] = {}
-    for key in ("rid", "gender", "rank"):
-        if key in data:
-            metrics_[key] = _number(data[key])
-    for key, source, field in (
-        ("session_count", sessions, "count"),
-        ("session_total_duration", sessions, "total_duration"),
-        ("session_average_duration", sessions, "average_duration"),
-        ("income_tokens", income, "tokens"),
-        ("income_usd", income, "usd"),
-    ):
-        if field in source:
-            metrics_[key] = _number(source[field])
-    return metrics_
-
-
-def external_id(payload: Mapping[str, Any], key: str) -> int | None:
-    """`did` or `rid` of an answer as an int (the batch schema allows a numeric string), else None.
-
-    An id the persons table cannot hold (hundreds of digits, beyond INTEGER) is None too: storing it would
-    fail the whole batch on every retry, and a clamped or rounded one would be somebody else's.
-    """
-    value = _number(_unwrap(payload).get(key))
-    if isinstance(value, float):
-        value = int(value) if value.is_integer() else None
-    return value if value is not None and value in EXTERNAL_ID_RANGE else None
-
-
-# --- the token bucket ---
 
 
 class TokenBucket:
@@ -210,7 +81,7 @@ class _Plan:
     """When each kind of work is next due, on the monotonic clock, so setting the wall clock moves no
     deadline. Rebuilt from the database (wall-clock history) at start."""
 
-    stats: float | None = None
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)  # per room
     model: float | None = None
     members: float | None = None
     statbate_paused_until: float | None = None
@@ -237,7 +108,8 @@ class _Scheduler:
         stop: asyncio.Event,
         on_failure: api_http.FailureRecorder,
         statbate: statbate_api.StatbateClient | None,
-        stats: stats_api.StatsClient | None,
+        stats_rooms: Callable[[], dict[str, stats_api.StatsClient]],
+        rooms_may_change: bool,
         clock: Clock,
         monotonic: Monotonic,
         sleep: Sleep,
@@ -249,7 +121,9 @@ class _Scheduler:
         self.stop = stop
         self.on_failure = on_failure
         self.statbate = statbate
-        self.stats = stats
+        self.stats_rooms = stats_rooms  # the rooms to poll the Stats API for now, each with its client
+        self.stats: dict[str, stats_api.StatsClient] = {}
+        self.rooms_may_change = rooms_may_change
         self.clock = clock  # what is stored, and reading the stored history
         self.monotonic = monotonic  # every wait and deadline
         self.sleep = sleep
@@ -259,7 +133,7 @@ class _Scheduler:
         )
         self.broadcaster = db.normalize_username(settings.cb_username)
         self.plan = _Plan()
-        self._broadcaster_person: db.Person | None = None
+        self._persons: dict[str, db.Person] = {}
 
     async def run(self) -> None:
         while not self.stop.is_set():
@@ -283,18 +157,9 @@ class _Scheduler:
     # What is due comes from the database, so a restart neither repeats nor forgets work.
     async def _load_plan(self) -> None:
         now, start = self.clock(), self.monotonic()
-        if self.stats is not None:
-            person = await self._broadcaster()
-            last = await db.newest_snapshot_at(self.pool, person.id, "cb_stats")
-            blocked = await db.newest_api_failure_at(
-                self.pool, stats_api.API, ("auth_rejected", "rate_limited")
-            )
-            self.plan.stats = start + max(
-                _wait_from_history(now, last, STATS_INTERVAL),
-                _wait_from_history(now, blocked, STATS_COOLDOWN),
-            )
+        await self._follow_stats_rooms()
         if self.statbate is not None and self.broadcaster:
-            person = await self._broadcaster()
+            person = await self._person(self.broadcaster)
             last = await db.newest_snapshot_at(self.pool, person.id, "statbate_model")
             missed = await db.newest_snapshot_miss_at(self.pool, person.id, "statbate_model")
             self.plan.model = start + max(
@@ -304,20 +169,41 @@ class _Scheduler:
         if self.statbate is not None:
             self.plan.members = start
 
+    async def _follow_stats_rooms(self) -> None:
+        """Poll the Stats API for the rooms that have a Stats token now: a new room's first poll is planned
+        from its stored history, a room gone is dropped."""
+        current = self.stats_rooms()
+        for room in self.stats.keys() - current.keys():
+            del self.stats[room]
+            self.plan.stats.pop(room, None)
+        for room in current.keys() - self.stats.keys():
+            now, start = self.clock(), self.monotonic()
+            person = await self._person(room)
+            last = await db.newest_snapshot_at(self.pool, person.id, "cb_stats")
+            blocked = await db.newest_api_failure_at(
+                self.pool, stats_api.API, ("auth_rejected", "rate_limited")
+            )
+            self.plan.stats[room] = start + max(
+                _wait_from_history(now, last, STATS_INTERVAL),
+                _wait_from_history(now, blocked, STATS_COOLDOWN),
+            )
+            self.stats[room] = current[room]
+
     def _after(self, interval: dt.timedelta, since: float | None = None) -> float:
         """The monotonic deadline `interval` after `since` (default: now)."""
         return (self.monotonic() if since is None else since) + interval.total_seconds()
 
-    async def _broadcaster(self) -> db.Person:
-        if self._broadcaster_person is None:
-            found = await db.find_person(self.pool, self.broadcaster)
-            self._broadcaster_person = found or await db.find_or_create_person(
-                self.pool, self.broadcaster, seen_at=self.clock(), role="MODEL"
+    async def _person(self, room: str) -> db.Person:
+        """The person of a room's broadcaster (created as a MODEL when no event named them yet)."""
+        if room not in self._persons:
+            found = await db.find_person(self.pool, room)
+            self._persons[room] = found or await db.find_or_create_person(
+                self.pool, room, seen_at=self.clock(), role="MODEL"
             )
-        return self._broadcaster_person
+        return self._persons[room]
 
     def _seconds_to_next_work(self) -> float:
-        pending = [self.plan.stats] if self.stats is not None and self.plan.stats else []
+        pending = list(self.plan.stats.values())
         statbate = [moment for moment in (self.plan.model, self.plan.members) if moment]
         if statbate:
             paused = self.plan.statbate_paused_until
@@ -325,11 +211,15 @@ class _Scheduler:
         if not pending:
             return IDLE_RECHECK.total_seconds()
         seconds = min(pending) - self.monotonic()
+        if self.rooms_may_change:  # a room added meanwhile gets its first Stats poll within a minute
+            seconds = min(seconds, IDLE_RECHECK.total_seconds())
         return seconds + self.jitter() * JITTER_SECONDS if seconds > 0 else 0.0
 
     async def _tick(self) -> None:
-        if self.stats is not None and self._due(self.plan.stats):
-            await self._take_stats(self.stats)
+        await self._follow_stats_rooms()
+        for room, client in list(self.stats.items()):
+            if self._due(self.plan.stats.get(room)):
+                await self._take_stats(room, client)
         if self.statbate is None or self._statbate_paused():
             return
         if self._due(self.plan.model):
@@ -359,8 +249,8 @@ class _Scheduler:
             )
         self.plan.statbate_paused_until = self._after(STATBATE_AUTH_PAUSE)
 
-    async def _take_stats(self, client: stats_api.StatsClient) -> None:
-        person = await self._broadcaster()
+    async def _take_stats(self, room: str, client: stats_api.StatsClient) -> None:
+        person = await self._person(room)
         try:
             payload = await client.fetch()
         except (errors.AuthRejected, errors.RateLimited) as error:
@@ -368,12 +258,14 @@ class _Scheduler:
                 max(STATS_COOLDOWN.total_seconds(), error.retry_after or 0.0),
                 STATS_BACKOFF_MAX.total_seconds(),
             )
-            log.warning("cb_stats_backing_off", kind=error.kind, status=error.status, seconds=int(wait))
-            self.plan.stats = self._after(dt.timedelta(seconds=wait))
+            log.warning(
+                "cb_stats_backing_off", room=room, kind=error.kind, status=error.status, seconds=int(wait)
+            )
+            self.plan.stats[room] = self._after(dt.timedelta(seconds=wait))
             return
         except errors.ApiError as error:
-            log.warning("cb_stats_snapshot_failed", kind=error.kind, status=error.status)
-            self.plan.stats = self._after(STATS_INTERVAL)
+            log.warning("cb_stats_snapshot_failed", room=room, kind=error.kind, status=error.status)
+            self.plan.stats[room] = self._after(STATS_INTERVAL)
             return
         captured_at, taken = self.clock(), self.monotonic()
         if await db.record_snapshot(
@@ -382,13 +274,13 @@ class _Scheduler:
             source="cb_stats",
             captured_at=captured_at,
             raw_payload=payload,
-            normalized_metrics=normalize_stats(payload),
+            normalized_metrics=snapshot_metrics.normalize_stats(payload),
         ):
             self._counted("cb_stats")
-        self.plan.stats = self._after(STATS_INTERVAL, since=taken)
+        self.plan.stats[room] = self._after(STATS_INTERVAL, since=taken)
 
     async def _take_model(self, client: statbate_api.StatbateClient) -> None:
-        person = await self._broadcaster()
+        person = await self._person(self.broadcaster)
         await self.bucket.acquire()
         if self.stop.is_set():
             return
@@ -412,7 +304,7 @@ class _Scheduler:
             self.plan.model = self._after(MODEL_RETRY)
             return
         captured_at, taken = self.clock(), self.monotonic()
-        rid = external_id(payload, "rid")
+        rid = snapshot_metrics.external_id(payload, "rid")
         if rid is None:
             stored = await db.record_snapshot(
                 self.pool,
@@ -420,7 +312,7 @@ class _Scheduler:
                 source="statbate_model",
                 captured_at=captured_at,
                 raw_payload=payload,
-                normalized_metrics=normalize_model(payload),
+                normalized_metrics=snapshot_metrics.normalize_model(payload),
             )
         else:
             outcome = await db.record_identified_snapshot(
@@ -431,7 +323,7 @@ class _Scheduler:
                 reported_name=_reported_name(payload),
                 captured_at=captured_at,
                 raw_payload=payload,
-                normalized_metrics=normalize_model(payload),
+                normalized_metrics=snapshot_metrics.normalize_model(payload),
             )
             self._log_identity(outcome)
             stored = outcome.inserted
@@ -475,7 +367,7 @@ class _Scheduler:
     async def _store_member(
         self, member: db.DueMember, item: statbate_api.BatchItem, captured_at: dt.datetime
     ) -> None:
-        did = external_id(item.item, "did") if item.item is not None else None
+        did = snapshot_metrics.external_id(item.item, "did") if item.item is not None else None
         if item.item is None or not item.found or did is None:
             await self._member_missing(member, item, captured_at)
             return
@@ -487,7 +379,7 @@ class _Scheduler:
             reported_name=_reported_name(item.item),
             captured_at=captured_at,
             raw_payload=item.item,
-            normalized_metrics=normalize_member(item.item),
+            normalized_metrics=snapshot_metrics.normalize_member(item.item),
         )
         self._log_identity(outcome)
         if outcome.inserted:
@@ -542,8 +434,31 @@ class _Scheduler:
 
 
 def _reported_name(payload: Mapping[str, Any]) -> str | None:
-    name = _unwrap(payload).get("name")
+    name = snapshot_metrics.unwrap(payload).get("name")
     return name if isinstance(name, str) and name.strip() else None
+
+
+def _stats_rooms(
+    settings_client: stats_api.StatsClient | None,
+    room_tokens: Callable[[], dict[str, api_http.TokenProvider]] | None,
+    make: Callable[[str, api_http.TokenProvider], stats_api.StatsClient],
+) -> Callable[[], dict[str, stats_api.StatsClient]]:
+    """The rooms to poll the Stats API for, each with its client: the settings' room (MHC_CB_USERNAME with
+    MHC_CB_STATS_TOKEN), and every room `room_tokens` names now (a client made once per room)."""
+    made: dict[str, stats_api.StatsClient] = {}
+
+    def current() -> dict[str, stats_api.StatsClient]:
+        rooms = room_tokens() if room_tokens is not None else {}
+        for room in made.keys() - rooms.keys():
+            del made[room]
+        for room, token in rooms.items():
+            if room not in made:
+                made[room] = make(room, token)
+        if settings_client is not None:
+            return {**made, settings_client.username: settings_client}
+        return dict(made)
+
+    return current
 
 
 def announce_sources(settings: config.Settings) -> tuple[bool, bool]:
@@ -576,6 +491,7 @@ async def run_scheduler(
     jitter: Callable[[], float] = random.random,
     request_timeout: float = statbate_api.DEFAULT_TIMEOUT,
     tokens: credentials.Credentials | None = None,
+    room_stats_tokens: Callable[[], dict[str, api_http.TokenProvider]] | None = None,
 ) -> None:
     """The snapshot task: returns when `stop` is set. Expected API failures are recorded and waited out here;
     storage errors are retried after a pause; anything else propagates to the supervisor.
@@ -584,7 +500,8 @@ async def run_scheduler(
     times every wait and deadline, so setting the wall clock neither stalls nor hurries a schedule.
     `sleep(seconds)` is every wait (periodic, rate limit, retry backoff) and by default waits on `stop` with a
     timeout, so the task stops promptly. Tests inject all three. `tokens` gives the current tokens (rotated
-    without a restart); by default the settings' values.
+    without a restart); by default the settings' values. `room_stats_tokens` gives the rooms polled now that
+    have a Stats API token of their own (`NAME.stats`), besides the settings' room: each is polled too.
     """
 
     async def stop_aware(seconds: float) -> None:
@@ -611,17 +528,34 @@ async def run_scheduler(
         )
         if statbate_on
         else None,
-        stats=stats_api.StatsClient.from_settings(
-            session, settings, record, token=tokens.provider("cb_stats_token") if tokens else None, **options
-        )
-        if stats_on
-        else None,
+        stats_rooms=_stats_rooms(
+            stats_api.StatsClient.from_settings(
+                session,
+                settings,
+                record,
+                token=tokens.provider("cb_stats_token") if tokens else None,
+                **options,
+            )
+            if stats_on
+            else None,
+            room_stats_tokens,
+            lambda room, token: stats_api.StatsClient(
+                session,
+                url=settings.cb_stats_url,
+                username=room,
+                token=token,
+                on_failure=record,
+                max_body_bytes=settings.api_max_body_bytes,
+                **options,
+            ),
+        ),
+        rooms_may_change=room_stats_tokens is not None,
         clock=clock,
         monotonic=monotonic,
         sleep=wait,
         jitter=jitter,
     )
-    if scheduler.statbate is None and scheduler.stats is None:
+    if scheduler.statbate is None and not stats_on and room_stats_tokens is None:
         await stop.wait()
         return
     log.info("snapshot_scheduler_started", statbate=statbate_on, cb_stats=stats_on)

@@ -250,6 +250,7 @@ class Supervisor:
                         stop=self.stop,
                         on_failure=self._failure_recorder(pool),
                         tokens=self.credentials,
+                        room_stats_tokens=self._room_stats_tokens if self.token_files.directory else None,
                     )
                 ),
             }
@@ -356,6 +357,19 @@ class Supervisor:
                 log.info("room_stopped", room=name)
 
         group.create_task(run(), name=f"room:{name}")
+
+    def _room_stats_tokens(self) -> dict[str, Callable[[], str]]:
+        """The rooms polled now that have a Stats API token file (`NAME.stats`), with their current token."""
+
+        def current(name: str) -> str:
+            tokens = self.token_files.get(name)
+            return (tokens.stats if tokens else None) or ""
+
+        return {
+            name: functools.partial(current, name)
+            for name in self.units
+            if (tokens := self.token_files.get(name)) is not None and tokens.stats
+        }
 
     def _room_token(self, name: str) -> Callable[[], str]:
         """The current Events API token of a table room; the last one read while its file is gone."""
@@ -516,9 +530,13 @@ async def run_session_staleness(
     while not stop.is_set():
         due = monotonic() + period + random.uniform(0, jitter_seconds)  # noqa: S311  # timing, not a secret
         try:
-            if await check_session_staleness(pool, now=clock(), stale_after=stale_after):
+            if ended := await check_session_staleness(pool, now=clock(), stale_after=stale_after):
                 live = await db.live_session_id(pool, room)
                 state.live_session_id = str(live) if live else None
+                gone = {str(item.id) for item in ended}
+                for polled in state.rooms.values():
+                    if polled.live_session_id in gone:
+                        polled.live_session_id = None
         except errors.DatabaseUnavailable as error:
             log.warning("session_staleness_check_skipped", error=logs.mask(str(error)))
         if await waits.wait_for_stop(stop, max(0.0, due - monotonic())):

@@ -1,4 +1,4 @@
-"""Person bookkeeping in db.py: find-or-create, aliases, roles, last_seen_at, the exclusion rule."""
+"""Person bookkeeping in daemon/db: find-or-create, aliases, roles, last_seen_at, the exclusion rule."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from daemon.simulator import events as simulator
-from daemon.simulator import traffic
+from daemon.simulator import stats, traffic
 from tests import chaos_support as chaos
 from tests.daemon_process import daemon_env, run_command, running_daemon, wait_for_count
 
@@ -45,8 +45,8 @@ def _multi_room_env(tmp_path: Path, database_url: str, base_url: str) -> dict[st
     return env
 
 
-def _give_token(tmp_path: Path, name: str, token: str) -> None:
-    path = tmp_path / "tokens" / f"{name}.events"
+def _give_token(tmp_path: Path, name: str, token: str, kind: str = "events") -> None:
+    path = tmp_path / "tokens" / f"{name}.{kind}"
     path.write_text(token + "\n")
     path.chmod(0o600)
 
@@ -87,10 +87,18 @@ async def test_rooms_are_added_disabled_and_paused_one_at_a_time_while_the_daemo
     tmp_path: Path, database_url: str, connection: asyncpg.Connection
 ) -> None:
     alice, bob, carol = _room("alice_cam"), _room("bob_cam"), _room("carol_cam")
-    async with simulator.RoomsSimulator([alice, bob, carol]) as server, aiohttp.ClientSession() as http:
+    stats_tokens = {"alice_cam": "alice-stats-token-0123456789", "dave_cam": "dave-stats-token-0123456789"}
+    async with (
+        simulator.RoomsSimulator([alice, bob, carol]) as server,
+        stats.running(username="nobody_here", rooms=stats_tokens) as stats_api,
+        aiohttp.ClientSession() as http,
+    ):
         env = _multi_room_env(tmp_path, database_url, server.base_url)
+        env["MHC_CB_STATS_URL"] = stats_api.base_url
         for room in (alice, bob):
             _give_token(tmp_path, room.username, room.token)
+        # Alice's room has a Stats API token of its own: her room is polled for Stats too.
+        _give_token(tmp_path, "alice_cam", stats_tokens["alice_cam"], kind="stats")
         _give_token(tmp_path, carol.username, "a-token-the-api-rejects-000")
         for name in ("alice_cam", "bob_cam", "carol_cam"):
             assert f"room {name} added" in _rooms_command(env, tmp_path, "add", name)
@@ -123,6 +131,7 @@ async def test_rooms_are_added_disabled_and_paused_one_at_a_time_while_the_daemo
             # A room added while running is polled after a SIGHUP, without a restart.
             dave = server.add(_room("dave_cam", 300))
             _give_token(tmp_path, dave.username, dave.token)
+            _give_token(tmp_path, dave.username, stats_tokens["dave_cam"], kind="stats")
             _rooms_command(env, tmp_path, "add", "dave_cam")
             # Bob is disabled: his unit stops; events he gets later are not fetched.
             assert "room bob_cam disabled" in _rooms_command(env, tmp_path, "disable", "bob_cam")
@@ -161,6 +170,15 @@ async def test_rooms_are_added_disabled_and_paused_one_at_a_time_while_the_daemo
             await _until(lambda: drained(carol), 30, "carol drained after her token was fixed")
             rooms = {room["name"]: room for room in (await _status(http, base))["rooms"]}
             assert rooms["carol_cam"]["state"] == "polling", rooms
+
+            async def stats_taken() -> bool:
+                rows = await connection.fetch(
+                    "SELECT DISTINCT p.username FROM snapshots s JOIN persons p ON p.id = s.person_id"
+                    " WHERE s.source = 'cb_stats'"
+                )
+                return {row[0] for row in rows} == {"alice_cam", "dave_cam"}
+
+            await _until(stats_taken, 90, "a Stats API snapshot of each room with a NAME.stats file")
             pid = daemon.process.pid
             daemon.signal(signal.SIGTERM)
             assert await daemon.wait(30) == 0

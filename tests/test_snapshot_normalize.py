@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from daemon import snapshots, statbate_api
+from daemon import snapshot_metrics, snapshots, statbate_api
 from tests.seed_examples import json_blocks_under
 
 
 def test_member_example_of_the_seed() -> None:
     raw, expected = json_blocks_under("Statbate Member Info")
-    assert snapshots.normalize_member(raw) == expected
-    assert snapshots.normalize_member(raw["data"]) == expected, "a batch item normalizes the same"
+    assert snapshot_metrics.normalize_member(raw) == expected
+    assert snapshot_metrics.normalize_member(raw["data"]) == expected, "a batch item normalizes the same"
 
 
 def test_stats_example_of_the_seed() -> None:
     raw, expected = json_blocks_under("Chaturbate Stats API")
-    assert snapshots.normalize_stats(raw) == expected
+    assert snapshot_metrics.normalize_stats(raw) == expected
 
 
 def test_member_keeps_every_numeric_field_and_nullable_dates() -> None:
@@ -36,7 +36,7 @@ def test_member_keeps_every_numeric_field_and_nullable_dates() -> None:
         "all_time_tokens": 900,
         "error": None,
     }
-    assert snapshots.normalize_member(item) == {
+    assert snapshot_metrics.normalize_member(item) == {
         "did": 42,
         "all_time_tokens": 900,
         "last_tip_amount": 25,
@@ -46,7 +46,7 @@ def test_member_keeps_every_numeric_field_and_nullable_dates() -> None:
         "last_tip_date": None,
         "first_message_date": None,
     }
-    assert snapshots.external_id(item, "did") == 42
+    assert snapshot_metrics.external_id(item, "did") == 42
 
 
 def test_stats_minus_one_means_none() -> None:
@@ -64,7 +64,7 @@ def test_stats_minus_one_means_none() -> None:
         "num_registered_viewers": 0,
         "num_tokened_viewers": 0,
     }
-    assert snapshots.normalize_stats(raw) == {
+    assert snapshot_metrics.normalize_stats(raw) == {
         "token_balance": 10,
         "num_followers": 7,
         "tips_in_last_hour": 0,
@@ -77,7 +77,7 @@ def test_stats_minus_one_means_none() -> None:
         "num_registered_viewers": 0,
         "num_tokened_viewers": 0,
     }
-    online = snapshots.normalize_stats({"time_online": 95, "last_broadcast": "2025-08-16T20:00:00"})
+    online = snapshot_metrics.normalize_stats({"time_online": 95, "last_broadcast": "2025-08-16T20:00:00"})
     assert online == {"time_online_minutes": 95, "last_broadcast": "2025-08-16T20:00:00"}
 
 
@@ -94,7 +94,7 @@ def test_model_normalization() -> None:
         },
         "meta": {"site": "chaturbate"},
     }
-    assert snapshots.normalize_model(answer) == {
+    assert snapshot_metrics.normalize_model(answer) == {
         "rid": 5001,
         "gender": 0,
         "rank": 1234,
@@ -104,15 +104,15 @@ def test_model_normalization() -> None:
         "income_tokens": 20000,
         "income_usd": 1000.0,
     }
-    assert snapshots.external_id(answer, "rid") == 5001
-    assert snapshots.external_id({"data": {"rid": None}}, "rid") is None
+    assert snapshot_metrics.external_id(answer, "rid") == 5001
+    assert snapshot_metrics.external_id({"data": {"rid": None}}, "rid") is None
 
 
 def test_absurd_numbers_are_stored_as_jsonb_can_hold_them() -> None:
     """jsonb holds any integer but no NaN or infinity; a digit string past Python's 4,300-digit int limit
     would otherwise raise, and its float is infinite."""
     huge = 10**300
-    metrics = snapshots.normalize_member(
+    metrics = snapshot_metrics.normalize_member(
         {
             "did": huge,
             "all_time_tokens": "9" * 5000,
@@ -126,7 +126,7 @@ def test_absurd_numbers_are_stored_as_jsonb_can_hold_them() -> None:
         "last_tip_amount": None,
         "models_tipped_2weeks": None,
     }
-    assert snapshots.normalize_stats({"token_balance": float("inf"), "votes_up": float("nan")}) == {
+    assert snapshot_metrics.normalize_stats({"token_balance": float("inf"), "votes_up": float("nan")}) == {
         "token_balance": None,
         "votes_up": None,
     }
@@ -136,9 +136,9 @@ def test_absurd_numbers_are_stored_as_jsonb_can_hold_them() -> None:
 def test_an_id_the_persons_table_cannot_hold_is_no_id() -> None:
     """persons.did/rid are INTEGER: beyond it (let alone BIGINT or 300 digits) an id would fail the write."""
     for value in (10**300, "1" * 300, "9" * 5000, 2**63, -(2**63) - 1, 2**31, -(2**31) - 1, 1e300, 2.5):
-        assert snapshots.external_id({"did": value}, "did") is None, value
+        assert snapshot_metrics.external_id({"did": value}, "did") is None, value
     for value, expected in ((2**31 - 1, 2**31 - 1), (-(2**31), -(2**31)), ("42", 42), (42.0, 42)):
-        assert snapshots.external_id({"data": {"rid": value}}, "rid") == expected
+        assert snapshot_metrics.external_id({"data": {"rid": value}}, "rid") == expected
 
 
 def test_batch_items_match_by_name_then_position() -> None:

@@ -20,7 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from daemon import config, db, errors, logs, metrics, reports, runtime_state, snapshots
+from daemon import config, db, errors, logs, metrics, reports, runtime_state, snapshot_metrics, snapshots
 from daemon.simulator import statbate as statbate_sim
 from daemon.simulator import stats as stats_sim
 
@@ -213,7 +213,7 @@ async def test_schedule_batches_priorities_rate_limit_and_restart(world: World) 
     assert len(members) == 241 - len(ghosts)
     for row in members:
         assert row["raw_payload"] == {**sim.members[row["username"]], "error": None}
-        assert row["normalized_metrics"] == snapshots.normalize_member(row["raw_payload"])
+        assert row["normalized_metrics"] == snapshot_metrics.normalize_member(row["raw_payload"])
         assert row["normalized_metrics"]["did"] == sim.members[row["username"]]["did"]
     dids = await pool.fetch("SELECT username, did FROM persons WHERE did IS NOT NULL")
     assert {r["username"]: r["did"] for r in dids} == {
@@ -228,7 +228,7 @@ async def test_schedule_batches_priorities_rate_limit_and_restart(world: World) 
     assert [r["captured_at"] for r in stats_rows] == [T0 + dt.timedelta(minutes=5 * n) for n in range(6)]
     for row in stats_rows:
         assert row["raw_payload"]["username"] == BROADCASTER
-        assert row["normalized_metrics"] == snapshots.normalize_stats(row["raw_payload"])
+        assert row["normalized_metrics"] == snapshot_metrics.normalize_stats(row["raw_payload"])
     assert (
         stats_rows[1]["normalized_metrics"]["token_balance"]
         >= stats_rows[0]["normalized_metrics"]["token_balance"]

@@ -20,7 +20,8 @@ from daemon.simulator import http_faults
 
 
 class StatsSimulator:
-    """`async with StatsSimulator(username=..., token=...) as sim:`; the client's URL is `sim.base_url`."""
+    """`async with StatsSimulator(username=..., token=...) as sim:`; the client's URL is `sim.base_url`.
+    `rooms` serves more broadcasters (username → their token), with the same figures."""
 
     def __init__(
         self,
@@ -33,9 +34,11 @@ class StatsSimulator:
         clock: Callable[[], float] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        rooms: dict[str, str] | None = None,
     ) -> None:
         self.username = username.lower()
         self.token = token
+        self.rooms = {name.lower(): value for name, value in (rooms or {}).items()}
         self.rng = random.Random(seed)
         self.online = online
         self.ever_broadcast = ever_broadcast
@@ -55,15 +58,15 @@ class StatsSimulator:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
-    def snapshot(self) -> dict[str, Any]:
-        """The object the API would answer now (and the figures move on)."""
+    def snapshot(self, username: str | None = None) -> dict[str, Any]:
+        """The answer for `username` (default: the first) now; the figures move on."""
         account = self.account
         account["token_balance"] += self.rng.randint(0, 200)
         account["num_viewers"] = max(0, account["num_viewers"] + self.rng.randint(-20, 20))
         up, down = account["votes_up"], account["votes_down"]
         registered = account["num_viewers"] * 3 // 4
         return {
-            "username": self.username,
+            "username": username or self.username,
             "token_balance": account["token_balance"],
             "tips_in_last_hour": account["tips_in_last_hour"] if self.online else 0,
             "votes_down": down,
@@ -101,11 +104,13 @@ class StatsSimulator:
         self.recorder.record(request, (username,), fault)
         if fault is not None:
             return await http_faults.apply(fault, request, self._closing, self.snapshot())
-        if request.query.get("token") != self.token:
+        token = request.query.get("token")
+        tokens = {**self.rooms, self.username: self.token}  # `token` may be rotated by a test
+        if token not in tokens.values() or tokens.get(username, token) != token:
             return http_faults.json_response(401, {"error": "invalid token"})
-        if username != self.username:
+        if username not in tokens:
             return http_faults.json_response(404, {"error": "unknown username"})
-        return http_faults.json_response(200, self.snapshot())
+        return http_faults.json_response(200, self.snapshot(username))
 
 
 @contextlib.asynccontextmanager
