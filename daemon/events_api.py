@@ -189,6 +189,7 @@ class EventsClient:
         auth_retry_seconds: float = 300.0,
         max_requests_per_minute: int = 2000,
         process_limiter: RequestLimiter | None = None,
+        token_source: str = "MHC_CB_EVENTS_TOKEN",  # noqa: S107  # a setting's name, not a secret
         backoff_initial: float = 1.0,
         read_margin: float = READ_MARGIN,
         sleep: api_http.Sleep = asyncio.sleep,
@@ -215,6 +216,7 @@ class EventsClient:
         self._sleep = sleep
         self._limiter = RequestLimiter(max_requests_per_minute, 60.0, sleep)
         self._process_limiter = process_limiter
+        self._token_source = token_source  # where a person puts a new token, for the rejection message
 
     def __repr__(self) -> str:
         return (
@@ -354,7 +356,7 @@ class EventsClient:
                 "events_token_rejected",
                 message=(
                     f"The Events API rejected the token for {self._username!r}. Make a token at {AUTH_PAGE} "
-                    f'with the "Events API" scope and set MHC_CB_EVENTS_TOKEN.'
+                    f'with the "Events API" scope and put it in {self._token_source}.'
                 ),
                 status=error.status,
                 retry_in_s=self._auth_retry_seconds,

@@ -37,6 +37,7 @@ class PositionFile:
         self._broadcaster = broadcaster
         self._pending: str | None = None
         self._saved_at = 0.0
+        self._directory_made = False
 
     def load(self) -> SavedPosition | None:
         """The saved position of this broadcaster, or None (no file, another room's, or unreadable)."""
@@ -66,14 +67,18 @@ class PositionFile:
         the database holds the real cursor."""
         if self._pending is None:
             return
-        record = {"broadcaster": self._broadcaster, "last_event_id": self._pending}
+        record = json.dumps({"broadcaster": self._broadcaster, "last_event_id": self._pending})
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not self._directory_made:  # once: with hundreds of rooms every saved syscall counts
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._directory_made = True
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                os.fchmod(handle.fileno(), 0o600)
-                json.dump(record, handle)
+            try:
+                os.fchmod(descriptor, 0o600)
+                os.write(descriptor, record.encode())
+            finally:
+                os.close(descriptor)
             os.replace(temporary, self.path)
         except OSError as error:
             log.warning("position_file_not_written", path=str(self.path), error=error.strerror)

@@ -145,34 +145,35 @@ class RoomUnit:
             resume_from=position,
             spooled_bytes=self.disk_spool.pending_bytes,
         )
-        self.room.status = "polling"
         first = True
         loop = asyncio.get_running_loop()
         taken = loop.time()  # when the position of `url` was taken up: gap detection allows for all since
-        while not self.stop.is_set():
-            started = loop.time()
-            fetch = asyncio.ensure_future(client.fetch(url))
-            stopped = asyncio.ensure_future(self.stop.wait())
-            done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if fetch not in done:
-                fetch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await fetch
-                break
+        stopped = asyncio.ensure_future(self.stop.wait())  # one waiter for the whole loop, not one a request
+        try:
+            while not self.stop.is_set():
+                started = loop.time()
+                fetch = asyncio.ensure_future(client.fetch(url))
+                done, _ = await asyncio.wait({fetch, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if fetch not in done:
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fetch
+                    break
+                page = fetch.result()
+                answered = loop.time()
+                if first:
+                    systemd.ready()
+                    first = False
+                asked = ingest.Asked(page.request_event_id, answered - taken, page.continuation)
+                if not await self._hand_off(self._parsed(page, asked)):
+                    break
+                url = page.next_url or client.start_url(page.next_event_id)
+                taken = answered
+                pause = started + LIVE_POLL_SPACING - loop.time()
+                if len(page.events) < FULL_PAGE and pause > 0 and await waits.wait_for_stop(self.stop, pause):
+                    break
+        finally:
             stopped.cancel()
-            page = fetch.result()
-            answered = loop.time()
-            if first:
-                systemd.ready()
-                first = False
-            asked = ingest.Asked(page.request_event_id, answered - taken, page.continuation)
-            if not await self._hand_off(self._parsed(page, asked)):
-                break
-            url = page.next_url or client.start_url(page.next_event_id)
-            taken = answered
-            pause = started + LIVE_POLL_SPACING - loop.time()
-            if len(page.events) < FULL_PAGE and pause > 0 and await waits.wait_for_stop(self.stop, pause):
-                break
 
     async def _start_position(self) -> str | None:
         """Where to read from: after the newest spooled page, else the committed cursor; while the database

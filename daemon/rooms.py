@@ -64,7 +64,8 @@ class TokenFiles:
 
     def scan(self) -> set[str]:
         """Read the directory again; the rooms whose tokens changed (added, rotated or gone). A file that
-        cannot be read keeps the room's previous token (logged): a half-written rotation must not blank it."""
+        cannot be read, or is empty, keeps the room's previous token (logged): a half-written rotation must
+        not blank it. A room whose `NAME.events` file is removed is gone."""
         if self.directory is None:
             return set()
         try:
@@ -89,6 +90,9 @@ class TokenFiles:
                 continue
             if events:
                 found[name] = RoomTokens(events, stats or None)
+            elif (kept := self._tokens.get(name)) is not None:  # a rotation half written: keep the old one
+                log.error("room_token_file_empty", file=file_name)
+                found[name] = kept
         changed = {
             name for name in found.keys() | self._tokens.keys() if found.get(name) != self._tokens.get(name)
         }

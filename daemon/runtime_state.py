@@ -11,7 +11,7 @@ class RoomState:
     """One room's part of the state (`/status` lists them)."""
 
     name: str
-    status: str = "starting"  # starting | polling | spooling | token_rejected | stopping
+    stopping: bool = False  # the room was disabled (or its token file removed): its unit is finishing
     last_successful_poll: float | None = None
     poll_problem: str | None = None
     token_rejected: bool = False
@@ -19,6 +19,17 @@ class RoomState:
     live_session_id: str | None = None
     events_stored: int = 0
     spool_bytes: int = 0
+
+    @property
+    def status(self) -> str:
+        """stopping, token_rejected, spooling (the database is away), starting (no answer yet) or polling."""
+        if self.stopping:
+            return "stopping"
+        if self.token_rejected:
+            return "token_rejected"
+        if self.spool_bytes:
+            return "spooling"
+        return "starting" if self.last_successful_poll is None else "polling"
 
 
 @dataclass
@@ -66,7 +77,6 @@ class RuntimeState:
             changed, self.token_rejected = self.token_rejected != rejected, rejected
             return changed
         changed, room.token_rejected = room.token_rejected != rejected, rejected
-        room.status = "token_rejected" if rejected else "polling"
         self.token_rejected = bool(self.rooms) and all(item.token_rejected for item in self.rooms.values())
         return changed
 

@@ -276,7 +276,7 @@ class Supervisor:
             wanted = await self._wanted_rooms(shared.pool)
             for name in sorted(self.units.keys() - wanted):
                 log.info("room_stopping", room=name)
-                self.units[name].room.status = "stopping"
+                self.units[name].room.stopping = True
                 self.units[name].stop.set()
             for name in sorted(wanted - self.units.keys()):
                 self._start_unit(group, shared, session, name)
@@ -337,6 +337,7 @@ class Supervisor:
             backoff_max=self.backoff_max,
             auth_retry_seconds=self.auth_retry_seconds,
             process_limiter=self.limiter,
+            token_source="MHC_CB_EVENTS_TOKEN" if single else f"{self.token_files.directory}/{name}.events",
             sleep=functools.partial(self._poll_sleep, wake=token_changed),
         )
         directory = settings.data_dir if single else settings.data_dir / "rooms" / name

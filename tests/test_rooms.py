@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from daemon import rooms
 from daemon.simulator import events as simulator
 from daemon.simulator import stats, traffic
 from tests import chaos_support as chaos
@@ -236,3 +237,25 @@ async def test_kill_9_ten_times_while_twenty_rooms_drain_their_backlogs(
     )
     assert interactions == await connection.fetchval("SELECT count(*) FROM interactions")
     print(f"[20 rooms, kill -9 x10] {total} events of {count} rooms stored exactly once")
+
+
+def test_token_files_keep_a_token_through_a_half_written_rotation(tmp_path: Path) -> None:
+    """An empty or unreadable NAME.events keeps the room's last token; a removed one ends the room; a name
+    that is no username is refused (logged), never polled."""
+    files = rooms.TokenFiles(tmp_path)
+    (tmp_path / "alice_cam.events").write_text("first-token\n")
+    (tmp_path / "alice_cam.stats").write_text("stats-token")
+    (tmp_path / "bad-name!.events").write_text("whatever")
+    (tmp_path / "notes.txt").write_text("not a token")
+    assert files.scan() == {"alice_cam"}
+    assert files.get("alice_cam") == rooms.RoomTokens("first-token", "stats-token")
+    (tmp_path / "alice_cam.events").write_text("")
+    assert files.scan() == set() and files.get("alice_cam") == rooms.RoomTokens("first-token", "stats-token")
+    (tmp_path / "alice_cam.events").write_bytes(b"\xff\xfe")
+    assert files.scan() == set() and files.rooms() == {"alice_cam"}
+    (tmp_path / "alice_cam.events").write_text("second-token")
+    assert files.scan() == {"alice_cam"} and files.get("alice_cam") == rooms.RoomTokens(
+        "second-token", "stats-token"
+    )
+    (tmp_path / "alice_cam.events").unlink()
+    assert files.scan() == {"alice_cam"} and files.rooms() == set()
