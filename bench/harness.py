@@ -116,6 +116,50 @@ async def databases(server: str) -> AsyncIterator[Databases]:
         await admin.close()
 
 
+# A statement-level trigger with a transition table sees exactly the rows this statement inserted. Keys
+# (`room/event id`: ids repeat across rooms) go in notifications of at most 50 (a key is at most 320
+# characters; NOTIFY's payload limit is 8000 bytes), since a writer that fell behind inserts up to 2,000
+# events in one statement.
+COMMIT_CHANNEL = "mhc_bench_commit"
+_COMMIT_TRIGGER = """
+CREATE FUNCTION mhc_bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  keys text;
+BEGIN
+  FOR keys IN
+    SELECT string_agg(broadcaster || '/' || event_id, ',') FROM (
+      SELECT broadcaster, event_id, row_number() OVER () / 50 AS chunk FROM fresh
+    ) t GROUP BY chunk
+  LOOP
+    PERFORM pg_notify('mhc_bench_commit', keys);
+  END LOOP;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER mhc_bench_notify AFTER INSERT ON events
+  REFERENCING NEW TABLE AS fresh FOR EACH STATEMENT EXECUTE FUNCTION mhc_bench_notify();
+"""
+
+
+async def commit_times(connection: asyncpg.Connection) -> dict[str, float]:
+    """When each event's commit was heard (wall clock), by `room/event id`, filled in as commits happen.
+
+    The benchmark database (only it, never the daemon's migrations) gets a trigger on `events` that calls
+    `pg_notify` with the keys each statement inserted. PostgreSQL delivers a notification only when the
+    inserting transaction commits, so the instant `connection` (LISTENing) hears it is the commit time plus
+    the local delivery delay: a latency can only err on the slow side. The trigger costs the daemon's
+    transaction one small extra step, which again counts against it."""
+    heard: dict[str, float] = {}
+
+    def on_commit(_connection: object, _pid: int, _channel: str, payload: object) -> None:
+        now = time.time()
+        for key in str(payload).split(","):
+            heard.setdefault(key, now)
+
+    await connection.execute(_COMMIT_TRIGGER)
+    await connection.add_listener(COMMIT_CHANNEL, on_commit)
+    return heard
+
+
 HTTPS = True  # `--plain-http` turns it off, for comparison
 
 

@@ -4,12 +4,8 @@ The daemon starts against an empty simulator and long-polls. Then a pacer in thi
 available at `rate` per second (`EventsSimulator.append`, which stamps each event's `available_at` with the
 wall clock at that instant and wakes the waiting long-poll).
 
-Commit times come from PostgreSQL itself: the benchmark database (only it, never the daemon's migrations) gets
-a statement-level trigger on `events` that calls `pg_notify` with the ids the statement inserted. PostgreSQL
-delivers a notification only when the inserting transaction commits, so the instant a LISTENing connection in
-this process receives it is the commit time plus the local delivery delay; the figure can only err on the
-slow side. `received_at` is not used: it is when the daemon received the page, before the write. The trigger
-costs the daemon's transaction one small extra step, which again counts against it.
+Commit times come from PostgreSQL itself (`harness.commit_times`: a trigger's notifications, delivered at
+commit). `received_at` is not used: it is when the daemon received the page, before the write.
 
 Latency = notification time - available_at, per event, both on this machine's wall clock.
 """
@@ -29,27 +25,6 @@ from bench import harness
 from daemon.simulator import events as simulator_events
 from tests import daemon_process
 
-CHANNEL = "mhc_bench_commit"
-# A statement-level trigger with a transition table sees exactly the rows this statement inserted. Ids go in
-# notifications of at most 100 (ids are at most 64 characters; NOTIFY's payload limit is 8000 bytes), since a
-# daemon that fell behind writes up to 2,000 events in one statement.
-_TRIGGER = """
-CREATE FUNCTION mhc_bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-  ids text;
-BEGIN
-  FOR ids IN
-    SELECT string_agg(event_id, ',') FROM (SELECT event_id, row_number() OVER () / 100 AS chunk FROM fresh) t
-    GROUP BY chunk
-  LOOP
-    PERFORM pg_notify('mhc_bench_commit', ids);
-  END LOOP;
-  RETURN NULL;
-END $$;
-CREATE TRIGGER mhc_bench_notify AFTER INSERT ON events
-  REFERENCING NEW TABLE AS fresh FOR EACH STATEMENT EXECUTE FUNCTION mhc_bench_notify();
-"""
-
 
 @dataclass(frozen=True)
 class Latency:
@@ -66,17 +41,9 @@ async def live(databases: harness.Databases, work: Path, *, rate: float, seconds
     count = max(1, int(rate * seconds))
     stream = harness.backlog(count, seed=7)
     database_url = await databases.fresh()
-    committed: dict[str, float] = {}
-
-    def on_commit(_connection: object, _pid: int, _channel: str, payload: object) -> None:
-        now = time.time()
-        for event_id in str(payload).split(","):
-            committed.setdefault(event_id, now)
-
     listener = await asyncpg.connect(database_url)
     try:
-        await listener.execute(_TRIGGER)
-        await listener.add_listener(CHANNEL, on_commit)
+        committed = await harness.commit_times(listener)
         async with harness.simulator([]) as sim:
             env = harness.daemon_env(database_url, sim.base_url, work / "latency-data")
             async with harness.daemon(env, work / "latency.log") as child:
@@ -88,9 +55,9 @@ async def live(databases: harness.Databases, work: Path, *, rate: float, seconds
     finally:
         await listener.close()
     delays = [
-        (committed[event_id] - at) * 1000
+        (committed[key] - at) * 1000
         for event_id, at in available.items()
-        if at is not None and event_id in committed
+        if at is not None and (key := f"{harness.BROADCASTER}/{event_id}") in committed
     ]
     if not delays:
         raise RuntimeError("no commit was observed")

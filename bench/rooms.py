@@ -2,8 +2,9 @@
 
 `rooms` rooms are rows of `rooms` with a token file each; `active` of them get events paced at `rate` per
 second each, the rest hold an idle long-poll open the whole time (the production timeout, 30 s). Figures:
-event → commit latency over the live rooms (commit times from PostgreSQL's own notifications, as in
-`latency`), the daemon's peak RSS, and its CPU time per event stored, to compare with the single-room drain's.
+event → commit latency over the live rooms (commit times from PostgreSQL's own notifications,
+`harness.commit_times`), the daemon's peak RSS, and its CPU time per event stored, to compare with the
+single-room drain's.
 """
 
 from __future__ import annotations
@@ -21,25 +22,6 @@ from daemon.simulator import events as simulator_events
 from daemon.simulator import traffic
 from tests.daemon_process import DaemonProcess
 
-CHANNEL = "mhc_bench_room_commit"
-# As latency._TRIGGER, with the room in each key: ids repeat across rooms.
-_TRIGGER = """
-CREATE FUNCTION mhc_bench_room_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-  keys text;
-BEGIN
-  FOR keys IN
-    SELECT string_agg(broadcaster || '/' || event_id, ',') FROM (
-      SELECT broadcaster, event_id, row_number() OVER () / 50 AS chunk FROM fresh
-    ) t GROUP BY chunk
-  LOOP
-    PERFORM pg_notify('mhc_bench_room_commit', keys);
-  END LOOP;
-  RETURN NULL;
-END $$;
-CREATE TRIGGER mhc_bench_room_notify AFTER INSERT ON events
-  REFERENCING NEW TABLE AS fresh FOR EACH STATEMENT EXECUTE FUNCTION mhc_bench_room_notify();
-"""
 IDLE_TIMEOUT = 30  # the production long-poll
 
 
@@ -83,18 +65,10 @@ async def many(
     tokens.mkdir(mode=0o700, exist_ok=True)
     for room in served:
         (tokens / f"{room.username}.events").write_text(room.token)
-    committed: dict[str, float] = {}
-
-    def on_commit(_connection: object, _pid: int, _channel: str, payload: object) -> None:
-        now = time.time()
-        for key in str(payload).split(","):
-            committed.setdefault(key, now)
-
     listener = await asyncpg.connect(database_url)
     try:
-        await listener.execute(_TRIGGER)
+        committed = await harness.commit_times(listener)
         await listener.execute("INSERT INTO rooms (name) SELECT unnest($1::text[])", names)
-        await listener.add_listener(CHANNEL, on_commit)
         async with simulator_events.RoomsSimulator(served, ssl_context=harness.server_tls()) as server:
             env = harness.daemon_env(
                 database_url,

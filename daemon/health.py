@@ -83,10 +83,6 @@ async def run_checks(
         await waits.wait_for_stop(stop, interval)
 
 
-def _name(room: runtime_state.RoomState) -> str:
-    return room.name
-
-
 def _room_json(room: runtime_state.RoomState, now: float) -> dict[str, Any]:
     """One polled room: its state, how far behind its newest stored event is, what it stored."""
     return {
@@ -205,7 +201,7 @@ class _Endpoints:
                 "failures": state.failures,
             },
             "spool_bytes": state.spool_bytes,
-            "rooms": [_room_json(room, now=time.time()) for room in sorted(state.rooms.values(), key=_name)],
+            "rooms": [_room_json(room, now=time.time()) for _, room in sorted(state.rooms.items())],
             "recent_failures": recent,
             "latest_gap": latest_gap,
         }

@@ -84,9 +84,8 @@ class Shared:
     settings: config.Settings
     pool: db.Pool
     state: runtime_state.RuntimeState
-    database_ready: (
-        asyncio.Event
-    )  # set once the schema is migrated and current: only then does a writer write
+    # Set once the schema is migrated and current: only then does a writer write.
+    database_ready: asyncio.Event
     first_commit: asyncio.Event
     record_failures: Callable[[], Awaitable[None]]  # writes the failure rows that wait in memory
     failures_waiting: Callable[[], bool]
