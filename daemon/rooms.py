@@ -9,6 +9,7 @@ as one more room, whatever the table says. The files are read again on SIGHUP an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ log = logs.get_logger(__name__)
 _NAME = re.compile(r"[a-z0-9_]{1,255}")
 EVENTS_SUFFIX = ".events"
 STATS_SUFFIX = ".stats"
+KNOWN_ROOMS_FILE = "rooms.json"  # in MHC_DATA_DIR: the enabled rooms as last read from the database
 
 
 def room_name(value: str) -> str:
@@ -108,3 +110,35 @@ class TokenFiles:
             raise errors.ConfigError(f"cannot read {path}: {reason}") from None
         credentials.register(value)
         return value
+
+
+def load_known(data_dir: Path) -> set[str]:
+    """The enabled rooms as the database last listed them on this host (empty when never, or unreadable): a
+    daemon that starts while PostgreSQL is away polls them into their spools instead of polling nothing."""
+    path = data_dir / KNOWN_ROOMS_FILE
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))["rooms"]
+        return {room_name(name) for name in names}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, KeyError, TypeError, errors.ConfigError) as error:
+        log.warning("known_rooms_unreadable", path=str(path), error=type(error).__name__)
+        return set()
+
+
+def save_known(data_dir: Path, names: set[str]) -> None:
+    """Keep `names` for `load_known` (mode 0600, replaced whole). A disk error is logged: the table is the
+    truth, this file only bridges a start without the database."""
+    path = data_dir / KNOWN_ROOMS_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(descriptor, 0o600)
+            os.write(descriptor, json.dumps({"rooms": sorted(names)}).encode())
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except OSError as error:
+        log.warning("known_rooms_not_written", path=str(path), error=error.strerror)

@@ -93,6 +93,8 @@ class Supervisor:
         self.credentials = credentials.Credentials(self.settings)
         self.token_files = rooms.TokenFiles(rooms.tokens_dir(self.settings))
         self.token_files.scan()
+        if self.token_files.directory is not None:  # until the database answers: the rooms it last listed
+            self._table_rooms = rooms.load_known(self.settings.data_dir)
         # A limit for the process besides each room's own: the API's 2,000 a minute do not say per what.
         self.limiter = events_api.RequestLimiter(
             self.settings.cb_events_max_requests_per_minute, 60.0, self._poll_sleep
@@ -295,14 +297,17 @@ class Supervisor:
 
     async def _wanted_rooms(self, pool: db.Pool) -> set[str]:
         """The rooms to poll now: the single-room settings' room, and the enabled rows of `rooms` with a token
-        file (as last read while the database answered)."""
+        file (as last read while the database answered, on this host: kept in `MHC_DATA_DIR/rooms.json`)."""
         changed = self.token_files.scan()
         for name in changed & self.units.keys() & self._token_changed.keys():
             log.info("room_token_changed", room=name)
             self._token_changed[name].set()
         if self.token_files.directory is not None and self.database_ready.is_set():
             try:
-                self._table_rooms = set(await db.enabled_rooms(pool))
+                listed = set(await db.enabled_rooms(pool))
+                if listed != self._table_rooms:
+                    rooms.save_known(self.settings.data_dir, listed)
+                self._table_rooms = listed
             except errors.StorageError as error:
                 log.warning("rooms_not_read", error=logs.mask(str(error)), keeping=sorted(self._table_rooms))
         wanted = self._table_rooms & self.token_files.rooms()

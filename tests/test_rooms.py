@@ -259,3 +259,44 @@ def test_token_files_keep_a_token_through_a_half_written_rotation(tmp_path: Path
     )
     (tmp_path / "alice_cam.events").unlink()
     assert files.scan() == {"alice_cam"} and files.rooms() == set()
+
+
+async def test_a_start_while_postgresql_is_away_polls_the_rooms_it_last_knew_into_their_spools(
+    tmp_path: Path, database_url: str, connection: asyncpg.Connection
+) -> None:
+    """The rooms table lives in PostgreSQL; a daemon that starts while it is away polls the rooms the database
+    last listed (kept on disk), each into its own spool, and stores everything once it is back."""
+    alice, bob = _room("alice_cam", 300), _room("bob_cam", 300)
+    async with simulator.RoomsSimulator([alice, bob]) as server:
+        env = _multi_room_env(tmp_path, database_url, server.base_url)
+        for room in (alice, bob):
+            _give_token(tmp_path, room.username, room.token)
+            _rooms_command(env, tmp_path, "add", room.username)
+        log_path = tmp_path / "daemon.log"
+
+        async def drained() -> bool:
+            stored = await stored_ids_by_room(connection)
+            return all(stored.get(room.username) == _delivered_ids(room) for room in (alice, bob))
+
+        async with running_daemon(env, log_path) as daemon:
+            await _until(drained, 60, "both rooms drained")
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait(30) == 0
+        for room in (alice, bob):
+            later = traffic.build(
+                100, seed=9, broadcaster=room.username, start_ms=traffic.DEFAULT_START_MS * 2
+            )
+            await room.append(later.events)
+        asked = {room.username: room.request_count for room in (alice, bob)}
+        away = {**env, "MHC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/away"}  # nothing listens there
+        async with running_daemon(away, log_path) as daemon:
+            await chaos.wait_for_log_event(daemon, "spooling_to_disk", count=2, within=60)
+            daemon.signal(signal.SIGTERM)
+            assert await daemon.wait(30) == 0
+        for room in (alice, bob):
+            assert room.request_count > asked[room.username], f"{room.username} was not polled"
+            assert (tmp_path / "data" / "rooms" / room.username / "spool" / "pages.jsonl").stat().st_size > 0
+        async with running_daemon(env, log_path) as daemon:
+            await _until(drained, 60, "both rooms' spools drained once PostgreSQL is back")
+    stored = await stored_ids_by_room(connection)
+    assert {name: sum(ids.values()) for name, ids in stored.items()} == {"alice_cam": 400, "bob_cam": 400}
