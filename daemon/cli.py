@@ -12,6 +12,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from daemon import (
     __version__,
     config,
@@ -247,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.register_secret(secret.get_secret_value() if secret else None)
     handler: Handler = args.handler
     try:
-        return asyncio.run(handler(settings, args))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(handler(settings, args))
     except errors.ConfigError as error:
         print(f"mhc-daemon: {logs.mask(str(error))}", file=sys.stderr)
         return errors.EX_CONFIG

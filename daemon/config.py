@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -74,6 +75,14 @@ class Settings(BaseSettings):
     # Every API answer: its body at most this many bytes, on the wire and decompressed
     api_max_body_bytes: int = Field(default=DEFAULT_API_MAX_BODY_BYTES, ge=64 * 1024, le=64 * 1024 * 1024)
 
+    # Many hosts: rooms are leased in PostgreSQL. This daemon's name among them (default: the host name),
+    # how long a lease lasts on the database's clock, and how often it is renewed
+    host_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=200, pattern=r"^[^:\s]+$"
+    )
+    lease_seconds: float = Field(default=20.0, ge=2, le=600)
+    lease_renew_seconds: float = Field(default=5.0, ge=0.5, le=120)
+
     # Operations
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=8787, ge=0, le=65535)
@@ -81,6 +90,12 @@ class Settings(BaseSettings):
     spool_max_mb: int = Field(default=512, ge=1, le=1024 * 1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @pydantic.model_validator(mode="after")
+    def _renewed_within_the_lease(self) -> Settings:
+        if self.lease_renew_seconds * 2 > self.lease_seconds:
+            raise ValueError("lease_renew_seconds must be at most half of lease_seconds")
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -30,6 +30,14 @@ class DatabaseUnavailable(StorageError):
     """The database cannot be reached."""
 
 
+class LeaseLost(DaemonError):
+    """The rooms' leases moved to another holder: their write was rolled back and must not be retried."""
+
+    def __init__(self, rooms: set[str]) -> None:
+        super().__init__(f"lease lost for {len(rooms)} room(s): {', '.join(sorted(rooms))}")
+        self.rooms = rooms
+
+
 class MigrationError(DaemonError):
     """The database schema cannot be migrated."""
 

@@ -89,6 +89,7 @@ class InteractionRow:
     """The interaction one event maps to; the writer resolves `username` to a person."""
 
     event_id: str
+    broadcaster: str  # as its event's: (broadcaster, event_id) names the event across rooms
     username: str
     role: str  # VIEWER | MODEL
     type: str
@@ -544,7 +545,7 @@ def _one(item: Any, configured: str, received: dt.datetime, out: _Collector) -> 
     # Built from values `raw_json` already proved storable: no checks, only the encoding.
     metadata_json = (_fast_text(metadata) if out.finite_numbers else None) or _ENCODER.encode(metadata)
     out.interactions.append(
-        InteractionRow(event_id, username, role, kind, content, at, metadata, metadata_json)
+        InteractionRow(event_id, broadcaster, username, role, kind, content, at, metadata, metadata_json)
     )
     change = _BROADCAST_METHODS.get(method)
     if change is not None:
@@ -658,13 +659,15 @@ def _part(
     next_event_id: str | None,
     gaps: tuple[Gap, ...],
 ) -> Batch:
-    ids = {event.event_id for event in events}
+    ids = {(event.broadcaster, event.event_id) for event in events}
     times = batch.receipt_times()
     positions = {id(event): index for index, event in enumerate(batch.events)}
     return Batch(
         events=events,
-        interactions=[row for row in batch.interactions if row.event_id in ids],
-        session_changes=[change for change in batch.session_changes if change.event_id in ids],
+        interactions=[row for row in batch.interactions if (row.broadcaster, row.event_id) in ids],
+        session_changes=[
+            change for change in batch.session_changes if (change.broadcaster, change.event_id) in ids
+        ],
         quarantined=quarantined,
         unknown_methods=sum(1 for event in events if event.method not in KNOWN_METHODS),
         next_event_id=next_event_id,

@@ -46,8 +46,14 @@ POLL_SECONDS = Histogram(
 )
 WRITE_SECONDS = Histogram(
     "mhc_write_seconds",
-    "Time to commit one API response.",
+    "Time to commit one write transaction (the responses of one or more rooms).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+WRITE_ROOMS = Histogram(
+    "mhc_write_rooms",
+    "Rooms whose responses one write transaction committed together (group commit).",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200),
     registry=REGISTRY,
 )
 INGEST_LAG = Gauge(
@@ -74,3 +80,15 @@ ROOM_TOKEN_REJECTED = Gauge(
 ROOM_SPOOL_BYTES = Gauge(
     "mhc_room_spool_bytes", "Bytes waiting in the room's disk spool.", ["room"], registry=REGISTRY
 )
+LEASES_ACQUIRED = Counter("mhc_leases_acquired_total", "Room leases this daemon took.", registry=REGISTRY)
+LEASES_LOST = Counter(
+    "mhc_leases_lost_total",
+    "Room leases this daemon lost (not renewed in time, or taken over).",
+    registry=REGISTRY,
+)
+FENCED_WRITES = Counter(
+    "mhc_fenced_writes_total",
+    "Write transactions rolled back because a room's lease had moved to another holder.",
+    registry=REGISTRY,
+)
+ROOMS_HELD = Gauge("mhc_rooms_held", "Rooms whose lease this daemon holds.", registry=REGISTRY)

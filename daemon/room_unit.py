@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from daemon import (
     db,
     errors,
     events_api,
+    group_commit,
     ingest,
     logs,
     metrics,
@@ -59,6 +61,9 @@ DATABASE_START_WAIT_SECONDS = 5.0
 # client's own limit then allows the burst.
 LIVE_POLL_SPACING = 60.0 / 2000 * 1.05
 FULL_PAGE = 100  # events in a full Events API response
+# An idle writer wakes this often to tell the watchdog it is alive (far inside its stall limit, which is
+# longer than a long-poll); more often, hundreds of idle rooms cost a core in wake-ups alone.
+IDLE_WRITER_WAKE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class Shared:
     first_commit: asyncio.Event
     record_failures: Callable[[], Awaitable[None]]  # writes the failure rows that wait in memory
     failures_waiting: Callable[[], bool]
+    group: group_commit.GroupCommit  # every room's writes go through it, to share transactions
     # One memory budget for the pages handed off across all rooms (a page holds one unit until committed).
     page_budget: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PAGE_BUDGET))
 
@@ -101,6 +107,10 @@ class RoomUnit:
     shared: Shared
     room: runtime_state.RoomState
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the room's lease is this daemon's (`grant`): only then does the writer write, fenced by it.
+    leased: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: bool = False  # the lease moved to another host: everything fetched was dropped (`give_up`)
+    started: float = field(default_factory=time.monotonic)
     disk_spool: spool.Spool = field(init=False)
     position: position_file.PositionFile = field(init=False)
     # Pages handed to the writer and not yet committed, oldest first: when spooling starts they go to the
@@ -126,6 +136,31 @@ class RoomUnit:
     @property
     def pages_waiting(self) -> int:
         return self._handoff.qsize()
+
+    def grant(self, epoch: int) -> None:
+        """The room's lease is this daemon's at `epoch`."""
+        self.room.epoch = epoch
+        self.leased.set()
+
+    def give_up(self, reason: str) -> None:
+        """The room's lease is no longer this daemon's: stop polling and drop what was fetched and spooled and
+        not committed (the new holder reads it from the API, after the committed cursor). Never retried."""
+        if self.lost:
+            return
+        self.lost = True
+        self.room.stopping = True
+        self.stop.set()
+        dropped = len(self._in_memory)
+        for _ in range(dropped):
+            self.shared.page_budget.release()
+        self._in_memory.clear()
+        while not self._handoff.empty():
+            self._handoff.get_nowait()
+        spooled = self.disk_spool.pending_bytes
+        self.disk_spool.discard()
+        self._spool_gauge()
+        metrics.LEASES_LOST.inc()
+        log.warning("room_lease_lost", room=self.name, reason=reason, pages=dropped, spooled_bytes=spooled)
 
     # -- the poller ------------------------------------------------------------------------------------------
 
@@ -219,11 +254,14 @@ class RoomUnit:
         """
         full_logged = False
         state, settings = self.shared.state, self.shared.settings
-        while True:
+        while not self.lost:
             if self.shared.database_ready.is_set() and state.database_up and not self.disk_spool.has_pages():
                 budget = self.shared.page_budget
                 try:
-                    await asyncio.wait_for(budget.acquire(), timeout=1.0)
+                    if budget.locked():  # (a timer only when waiting: one a page adds up over many rooms)
+                        await asyncio.wait_for(budget.acquire(), timeout=1.0)
+                    else:
+                        await budget.acquire()
                 except TimeoutError:
                     state.poll_progress += 1  # every room's writer is behind: back-pressure, not a stall
                     if self.stop.is_set():
@@ -232,7 +270,10 @@ class RoomUnit:
                 # Listed before the put: the writer may take and commit the page before this task resumes.
                 self._in_memory.append(page)
                 try:
-                    await asyncio.wait_for(self._handoff.put(page), timeout=1.0)
+                    if self._handoff.full():
+                        await asyncio.wait_for(self._handoff.put(page), timeout=1.0)
+                    else:
+                        self._handoff.put_nowait(page)
                     return True
                 except TimeoutError:
                     self._in_memory.pop()  # not queued (wait_for never returns a put that happened)
@@ -270,6 +311,7 @@ class RoomUnit:
                 )
             self._spool_gauge()
             return True
+        return False
 
     # -- the writer ------------------------------------------------------------------------------------------
 
@@ -279,35 +321,58 @@ class RoomUnit:
         with the pages uncommitted (spooled, or read again from the committed position at the next start)."""
         try:
             await self._database_ready_within(None)
+            await self._until_leased()
             await self._write_pages(poller)
         except Stopping:
-            log.warning(
-                "writer_stopped_database_unavailable", room=self.name, pages_not_written=self.pages_waiting
-            )
+            if not self.lost:
+                waiting = self.pages_waiting
+                log.warning("writer_stopped_database_unavailable", room=self.name, pages_not_written=waiting)
+        except errors.LeaseLost:
+            self.give_up("a write was fenced: another host took the room")
+
+    async def _until_leased(self) -> None:
+        """Wait for the room's lease (the database came back after a start without it); `Stopping` when the
+        unit stops first. Waiting counts as progress for the watchdog."""
+        while not self.leased.is_set():
+            if self.stop.is_set():
+                raise Stopping
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.leased.wait(), timeout=0.5)
+            self.shared.state.write_progress += 1
 
     async def _write_pages(self, poller: asyncio.Task[None]) -> None:
         handoff = self._handoff
-        while True:
-            if not handoff.empty():
-                await self._commit_queued(self._waiting_pages(handoff.get_nowait()))
-            elif (spooled := self.disk_spool.next_page()) is not None:
-                end_offset, spooled_page = spooled
-                await self._commit([self._parsed(spooled_page, spooled_page.asked)])
-                self.disk_spool.committed(end_offset)
-                await self.shared.record_failures()  # damaged records met on the way
-                self._spool_gauge()
-                if not self.disk_spool.has_pages():
-                    log.info("spool_drained", room=self.name)
-            elif poller.done():
-                return
-            else:
-                try:
-                    page = await asyncio.wait_for(handoff.get(), timeout=0.5)
-                except TimeoutError:
-                    # Idle is healthy: the watchdog must not take it for a stall.
-                    self.shared.state.write_progress += 1
-                    continue
-                await self._commit_queued(self._waiting_pages(page))
+        # One waiting `get` at a time, kept across idle wake-ups; when it has a page, that page is older than
+        # any still queued.
+        getter: asyncio.Future[ParsedPage] | None = None
+        try:
+            while True:
+                if getter is not None and getter.done():
+                    page, getter = getter.result(), None
+                    await self._commit_queued(self._waiting_pages(page))
+                elif not handoff.empty():
+                    await self._commit_queued(self._waiting_pages(handoff.get_nowait()))
+                elif (spooled := self.disk_spool.next_page()) is not None:
+                    end_offset, spooled_page = spooled
+                    await self._commit([self._parsed(spooled_page, spooled_page.asked)])
+                    self.disk_spool.committed(end_offset)
+                    await self.shared.record_failures()  # damaged records met on the way
+                    self._spool_gauge()
+                    if not self.disk_spool.has_pages():
+                        log.info("spool_drained", room=self.name)
+                elif poller.done():
+                    return
+                else:
+                    getter = getter or asyncio.ensure_future(handoff.get())
+                    either: set[asyncio.Future[Any]] = {getter, poller}
+                    done, _ = await asyncio.wait(
+                        either, timeout=IDLE_WRITER_WAKE_SECONDS, return_when="FIRST_COMPLETED"
+                    )
+                    if not done:
+                        self.shared.state.write_progress += 1  # idle is healthy, not a stall
+        finally:
+            if getter is not None:
+                getter.cancel()
 
     async def _commit_queued(self, pages: list[ParsedPage]) -> None:
         await self._commit(pages)
@@ -366,18 +431,12 @@ class RoomUnit:
         """Commit `batch`, waiting out every transient refusal. A batch PostgreSQL refuses for what it holds
         is stored in halves until each refused event stands alone; that event goes to quarantine with the
         database's reason, and everything else is stored."""
-        settings = self.shared.settings
         try:
             return await retry_storage(
                 self.shared.state,
                 self.stop,
                 "write_batch",
-                lambda: db.write_batch(
-                    self.shared.pool,
-                    batch,
-                    cursor_broadcaster=self.name,
-                    timeout_seconds=settings.cb_events_timeout,
-                ),
+                lambda: self.shared.group.write(self.name, self.room.epoch or 0, batch),
             )
         except errors.StorageError as error:
             if not batch.events and len(batch.quarantined) < 2:
@@ -407,16 +466,17 @@ class RoomUnit:
         return db.combined(await self._store(first), await self._store(second))
 
     def _account(self, result: db.WriteResult) -> None:
-        """Keep the runtime state current (the writer already counted the metrics and logged the batch)."""
-        state, room = self.shared.state, self.room
+        """Keep the runtime state current with this room's part of the write (the writer already counted the
+        metrics of the whole transaction and logged it)."""
+        state, room, part = self.shared.state, self.room, result.rooms.get(self.name, db.RoomPart())
         state.write_progress += 1
-        state.events_stored += result.new_events
-        room.events_stored += result.new_events
-        metrics.ROOM_EVENTS.labels(room=self.name).inc(result.new_events)
-        state.duplicates_skipped += result.duplicates
-        state.quarantined += result.quarantined
-        if result.newest_event_time is not None:
-            newest = result.newest_event_time.replace(tzinfo=dt.UTC).timestamp()
+        state.events_stored += part.new_events
+        room.events_stored += part.new_events
+        metrics.ROOM_EVENTS.labels(room=self.name).inc(part.new_events)
+        state.duplicates_skipped += part.duplicates
+        state.quarantined += part.quarantined
+        if part.newest_event_time is not None:
+            newest = part.newest_event_time.replace(tzinfo=dt.UTC).timestamp()
             room.last_event_time = newest
             state.last_event_time = max(state.last_event_time or newest, newest)
 

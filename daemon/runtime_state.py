@@ -19,16 +19,21 @@ class RoomState:
     live_session_id: str | None = None
     events_stored: int = 0
     spool_bytes: int = 0
+    last_poll_monotonic: float | None = None  # the lease keeper renews only rooms whose polls progress
+    epoch: int | None = None  # of this daemon's lease on the room; None: not leased (yet)
 
     @property
     def status(self) -> str:
-        """stopping, token_rejected, spooling (the database is away), starting (no answer yet) or polling."""
+        """stopping, token_rejected, spooling (the database is away), starting (no answer yet), waiting for
+        its lease, or polling."""
         if self.stopping:
             return "stopping"
         if self.token_rejected:
             return "token_rejected"
         if self.spool_bytes:
             return "spooling"
+        if self.epoch is None:
+            return "unleased"
         return "starting" if self.last_successful_poll is None else "polling"
 
 
@@ -37,6 +42,8 @@ class RuntimeState:
     """Plain, single-threaded state: every writer and reader runs on the one event loop."""
 
     started_at: float = field(default_factory=time.time)
+    hosts: list[str] = field(default_factory=list)  # the live daemons sharing the rooms, this one included
+    rooms_share: int = 0  # this daemon's fair share of the rooms (rooms / live hosts)
     last_successful_poll: float | None = None  # wall-clock seconds
     token_rejected: bool = False
     database_up: bool = False
@@ -62,6 +69,7 @@ class RuntimeState:
         self.poll_progress += 1
         if room is not None:
             room.last_successful_poll = self.last_successful_poll
+            room.last_poll_monotonic = time.monotonic()
             room.poll_problem = None
 
     def poll_failed(self, problem: str, room: RoomState | None = None) -> None:

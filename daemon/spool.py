@@ -330,6 +330,11 @@ class Spool:
             self.path.unlink(missing_ok=True)
             self._read_offset = 0
 
+    def discard(self) -> None:
+        """Drop every page not yet committed: the room's lease moved to another host, which reads them from
+        the API after the committed cursor."""
+        self.committed(self.size)
+
     def take_damaged(self) -> list[DamagedRecord]:
         """The records set aside since the last call (each is handed out once), oldest first."""
         taken, self._damaged = self._damaged, []

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import functools
 import itertools
+import math
 import random
 import signal
 import time
@@ -36,7 +37,9 @@ from daemon import (
     db,
     errors,
     events_api,
+    group_commit,
     health,
+    leases,
     logs,
     migrations,
     room_unit,
@@ -88,6 +91,7 @@ class Supervisor:
     _table_rooms: set[str] = field(init=False, default_factory=set)  # enabled rows, as last read
     # Set when a room's token changed: a room waiting out a rejected token asks again at once.
     _token_changed: dict[str, asyncio.Event] = field(init=False, default_factory=dict)
+    keeper: leases.LeaseKeeper | None = field(init=False, default=None)  # made once the pool is open
 
     def __post_init__(self) -> None:
         self.credentials = credentials.Credentials(self.settings)
@@ -201,6 +205,11 @@ class Supervisor:
                 tasks.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tasks
+        if self.keeper is not None and self.database_ready.is_set():
+            try:  # the rooms' leases went with their units: the rest, so other hosts take over at once
+                await asyncio.wait_for(self.keeper.leave(), timeout=5.0)
+            except (errors.StorageError, TimeoutError) as error:
+                log.warning("leases_not_released", error=logs.mask(str(error)))
         if not tasks.cancelled():
             tasks.result()  # an unexpected failure of the event path propagates as the daemon's failure
 
@@ -209,6 +218,7 @@ class Supervisor:
         and only through a bug; every other task is isolated (`_isolated`): its failures are recorded and it
         starts again, so nothing on the snapshot or reporting side can stop event capture."""
         settings = self.settings
+        self.keeper = keeper = leases.LeaseKeeper(pool, settings)
         shared = room_unit.Shared(
             settings=settings,
             pool=pool,
@@ -217,10 +227,11 @@ class Supervisor:
             first_commit=self.first_commit,
             record_failures=lambda: self._record_failures(pool),
             failures_waiting=lambda: bool(self._unrecorded),
+            group=group_commit.GroupCommit(pool, settings.cb_events_timeout, keeper.holder),
         )
         async with asyncio.TaskGroup() as group:
             group.create_task(self._prepare_database(url, pool), name="database")
-            group.create_task(self._manage_rooms(group, shared, session), name="rooms")
+            group.create_task(self._manage_rooms(group, shared, session, keeper), name="rooms")
             interval = systemd.watchdog_interval()
             if interval is not None:
                 # Longer than one long-poll: an idle room completes a poll only every `timeout` seconds.
@@ -244,15 +255,18 @@ class Supervisor:
                     )
                 ),
                 "snapshot_scheduler": lambda: self._when_database_ready(
-                    snapshots.run_scheduler(
-                        pool=pool,
-                        session=session,
-                        settings=settings,
-                        state=self.state,
-                        stop=self.stop,
-                        on_failure=self._failure_recorder(pool),
-                        tokens=self.credentials,
-                        room_stats_tokens=self._room_stats_tokens if self.token_files.directory else None,
+                    self._as_leader(
+                        keeper.leader,
+                        lambda stop: snapshots.run_scheduler(
+                            pool=pool,
+                            session=session,
+                            settings=settings,
+                            state=self.state,
+                            stop=stop,
+                            on_failure=self._failure_recorder(pool),
+                            tokens=self.credentials,
+                            room_stats_tokens=self._room_stats_tokens if self.token_files.directory else None,
+                        ),
                     )
                 ),
             }
@@ -268,32 +282,93 @@ class Supervisor:
         return name if name and self.credentials.current("cb_events_token") else None
 
     async def _manage_rooms(
-        self, group: asyncio.TaskGroup, shared: room_unit.Shared, session: aiohttp.ClientSession
+        self,
+        group: asyncio.TaskGroup,
+        shared: room_unit.Shared,
+        session: aiohttp.ClientSession,
+        keeper: leases.LeaseKeeper,
     ) -> None:
-        """Keep one unit running per room to poll: at start, on SIGHUP and every `ROOMS_SCAN_SECONDS`, start
-        the units of new rooms and stop those of rooms gone (disabled, or their token file removed)."""
+        """Keep one unit running per room this daemon holds the lease of, one lease round every
+        `lease_renew_seconds` (`leases.LeaseKeeper`): start the units of rooms taken, stop those of rooms
+        lost, handed over or gone (disabled, or their token file removed). Token files and the rooms table
+        are read at start, on SIGHUP and every `ROOMS_SCAN_SECONDS`. Until the database first answers, the
+        rooms this host last polled are polled without a lease, into their spools."""
         announced = False
+        loop = asyncio.get_running_loop()
+        scanned = -math.inf
+        wanted: set[str] = set()
         while not self.stop.is_set():
-            self._rescan.clear()
-            wanted = await self._wanted_rooms(shared.pool)
+            if self._rescan.is_set() or loop.time() - scanned >= ROOMS_SCAN_SECONDS:
+                self._rescan.clear()
+                wanted = await self._wanted_rooms(shared.pool)
+                scanned = loop.time()
             for name in sorted(self.units.keys() - wanted):
-                log.info("room_stopping", room=name)
-                self.units[name].room.stopping = True
-                self.units[name].stop.set()
-            for name in sorted(wanted - self.units.keys()):
-                self._start_unit(group, shared, session, name)
+                self._stop_unit(name, "room_stopping")
+            if self.database_ready.is_set():
+                await self._lease_round(group, shared, session, keeper, wanted)
+            else:
+                for name in sorted(wanted - self.units.keys()):
+                    self._start_unit(group, shared, session, name, epoch=None)
+            for name in keeper.lapsed():
+                if name in self.units:
+                    self.units[name].give_up("lease not renewed in time (the database is out of reach)")
             if not wanted and not announced and self.database_ready.is_set():
                 log.warning("no_rooms_to_poll", hint="add one: `mhc-daemon rooms add NAME` and NAME.events")
                 systemd.ready()  # nothing to poll is a state, not a failure to start
                 announced = True
-            loop = asyncio.get_running_loop()
-            due = loop.time() + ROOMS_SCAN_SECONDS
+            due = loop.time() + self.settings.lease_renew_seconds
             while not self._rescan.is_set() and loop.time() < due:
-                if await waits.wait_for_stop(self.stop, 1.0):
+                if await waits.wait_for_stop(self.stop, min(1.0, self.settings.lease_renew_seconds)):
                     return
                 if not self.units:  # an idle daemon is not a wedged one
                     self.state.poll_progress += 1
                     self.state.write_progress += 1
+
+    async def _lease_round(
+        self,
+        group: asyncio.TaskGroup,
+        shared: room_unit.Shared,
+        session: aiohttp.ClientSession,
+        keeper: leases.LeaseKeeper,
+        wanted: set[str],
+    ) -> None:
+        now = asyncio.get_running_loop().time()
+        allowance = self.settings.cb_events_timeout + 2 * self.settings.lease_seconds
+        progressing = {
+            name
+            for name, unit in self.units.items()
+            if unit.room.poll_problem is None
+            and now - (unit.room.last_poll_monotonic or unit.started) < allowance
+        }
+        unleased = {name for name, unit in self.units.items() if unit.room.epoch is None and not unit.lost}
+        total = len(self._table_rooms | ({self.single_room} if self.single_room else set()))
+        try:
+            turn = await keeper.round(wanted, total, progressing, unleased)
+        except errors.StorageError as error:
+            log.warning("lease_round_failed", error=logs.mask(str(error)))
+            return
+        self.state.hosts = keeper.live_hosts
+        self.state.rooms_share = keeper.share
+        for name in turn.lost:
+            if name in self.units:
+                self.units[name].give_up("another host took the room")
+        for name, epoch in turn.acquired.items():
+            if name in self.units:
+                self.units[name].grant(epoch)
+            else:
+                self._start_unit(group, shared, session, name, epoch=epoch)
+        for name in unleased - turn.acquired.keys():
+            self.units[name].give_up("another host holds the room")
+        for name in turn.extra:
+            self._stop_unit(name, "room_handed_over")
+
+    def _stop_unit(self, name: str, event: str) -> None:
+        """Stop `name`'s unit after its in-flight write; its lease is released when it has ended."""
+        unit = self.units[name]
+        if not unit.stop.is_set():
+            log.info(event, room=name)
+        unit.room.stopping = True
+        unit.stop.set()
 
     async def _wanted_rooms(self, pool: db.Pool) -> set[str]:
         """The rooms to poll now: the single-room settings' room, and the enabled rows of `rooms` with a token
@@ -316,7 +391,13 @@ class Supervisor:
         return wanted
 
     def _start_unit(
-        self, group: asyncio.TaskGroup, shared: room_unit.Shared, session: aiohttp.ClientSession, name: str
+        self,
+        group: asyncio.TaskGroup,
+        shared: room_unit.Shared,
+        session: aiohttp.ClientSession,
+        name: str,
+        *,
+        epoch: int | None,
     ) -> None:
         settings = self.settings
         state = runtime_state.RoomState(name)
@@ -347,11 +428,13 @@ class Supervisor:
         )
         directory = settings.data_dir if single else settings.data_dir / "rooms" / name
         unit = room_unit.RoomUnit(name, directory, client, shared, state)
+        if epoch is not None:
+            unit.grant(epoch)
         if self.stop.is_set():
             unit.stop.set()
         self.units[name] = unit
         self.state.rooms[name] = state
-        log.info("room_started", room=name)
+        log.info("room_started", room=name, epoch=epoch)
 
         async def run() -> None:
             try:
@@ -361,6 +444,11 @@ class Supervisor:
                     del self.units[name], self.state.rooms[name], self._token_changed[name]
                     self.state.spool_total()
                 log.info("room_stopped", room=name)
+            if self.keeper is not None and not unit.lost:
+                try:  # after its last write: the next holder need not wait for the lease to run out
+                    await self.keeper.release(name)
+                except errors.StorageError as error:
+                    log.warning("lease_not_released", room=name, error=logs.mask(str(error)))
 
         group.create_task(run(), name=f"room:{name}")
 
@@ -371,9 +459,9 @@ class Supervisor:
             tokens = self.token_files.get(name)
             return (tokens.stats if tokens else None) or ""
 
-        return {
+        return {  # every room of the cluster: only one daemon (the cluster lease's holder) runs the lookups
             name: functools.partial(current, name)
-            for name in self.units
+            for name in sorted(self._table_rooms | self.units.keys())
             if (tokens := self.token_files.get(name)) is not None and tokens.stats
         }
 
@@ -408,6 +496,29 @@ class Supervisor:
                 await self._failure_recorder(pool)(failure)
             if await waits.wait_for_stop(self.stop, delay):
                 return
+
+    async def _as_leader(
+        self, leader: asyncio.Event, work: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Run `work(stop)` while this daemon holds the cluster lease of the lookups, so that they run on one
+        host of the cluster; `stop` is set when the daemon stops or the lease is lost, and `work` starts again
+        when it is regained."""
+
+        async def watch(scoped: asyncio.Event) -> None:
+            while leader.is_set() and not await waits.wait_for_stop(self.stop, 1.0):
+                pass
+            scoped.set()
+
+        while not self.stop.is_set():
+            if not leader.is_set():
+                await waits.wait_for_stop(self.stop, 1.0)
+                continue
+            scoped = asyncio.Event()
+            watcher = asyncio.ensure_future(watch(scoped))
+            try:
+                await work(scoped)
+            finally:
+                watcher.cancel()
 
     async def _when_database_ready(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` once the schema is ready (never, if the daemon stops first), and after the writer's

@@ -29,11 +29,11 @@ FROM api_failures ORDER BY occurred_at DESC LIMIT $1;
 -- name: load_cursor
 SELECT broadcaster, last_event_id, timeout_seconds FROM ingest_cursor WHERE broadcaster = $1;
 
--- name: move_cursor
--- The read position after the responses of this transaction. A response without a next id (nextUrl null)
--- keeps the last committed position rather than forgetting it.
+-- name: move_cursors
+-- The read position of each room ($1, one entry each, sorted) after its responses in this transaction. A
+-- response without a next id (nextUrl null) keeps the last committed position rather than forgetting it.
 INSERT INTO ingest_cursor AS c (broadcaster, last_event_id, timeout_seconds, updated_at)
-VALUES ($1, $2, $3, NOW())
+SELECT m.room, m.position, $3, NOW() FROM unnest($1::text[], $2::text[]) AS m(room, position)
 ON CONFLICT (broadcaster) DO UPDATE SET
   last_event_id = COALESCE(EXCLUDED.last_event_id, c.last_event_id),
   timeout_seconds = EXCLUDED.timeout_seconds,
@@ -56,7 +56,7 @@ SELECT e.event_id, e.method, e.broadcaster, e.event_time, e.received_at, e.raw::
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[])
   AS e(event_id, method, broadcaster, event_time, received_at, raw)
 ON CONFLICT (broadcaster, event_id) DO NOTHING
-RETURNING event_id;
+RETURNING broadcaster, event_id;
 
 -- name: resolve_aliases
 -- Names that are a current alias belong to the aliased person (the newest alias wins, as in find_person).
@@ -158,7 +158,7 @@ INSERT INTO ingest_gaps (broadcaster, after_event_id, resumed_event_id, gap_from
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamp[], $5::timestamp[], $6::text[],
   $7::timestamp[])
 ON CONFLICT (broadcaster, after_event_id, resumed_event_id) DO NOTHING
-RETURNING after_event_id, resumed_event_id;
+RETURNING broadcaster, after_event_id, resumed_event_id;
 
 -- name: ingest_gaps
 -- The newest gaps first ($1 rows at most), of room $2 (NULL: every room).
@@ -170,7 +170,8 @@ ORDER BY detected_at DESC, gap_from DESC LIMIT $1;
 -- A fingerprint is unique within one room's feed ($1: the room).
 INSERT INTO quarantined_events (broadcaster, fingerprint, event_id, method, raw, reason)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
-ON CONFLICT (broadcaster, fingerprint) DO NOTHING;
+ON CONFLICT (broadcaster, fingerprint) DO NOTHING
+RETURNING broadcaster;
 
 -- name: batch_context
 -- What the events writer must know before it writes a batch's rows, in one round trip: the current aliases
@@ -449,3 +450,92 @@ SELECT COALESCE(r.name, c.broadcaster) AS name, r.enabled, r.added_at, c.last_ev
 FROM rooms r
 FULL JOIN ingest_cursor c ON c.broadcaster = r.name
 ORDER BY 1;
+
+-- name: heartbeat
+-- This daemon is alive ($1: its holder name); the live hosts, itself included, are those heard from within
+-- $2 seconds, on the database's clock.
+WITH beat AS (
+  INSERT INTO hosts AS h (holder) VALUES ($1)
+  ON CONFLICT (holder) DO UPDATE SET heartbeat_at = now()
+)
+SELECT holder FROM hosts WHERE heartbeat_at > now() - make_interval(secs => $2) AND holder <> $1
+UNION ALL SELECT $1 ORDER BY 1;
+
+-- name: leave_hosts
+DELETE FROM hosts WHERE holder = $1 OR heartbeat_at < now() - interval '1 day';
+
+-- name: ensure_cursors
+-- A cursor row (unheld, no position yet) for each room that may be leased ($1), at timeout $2.
+INSERT INTO ingest_cursor (broadcaster, last_event_id, timeout_seconds, lease_expires_at)
+SELECT unnest($1::text[]), NULL, $2, now()
+ON CONFLICT (broadcaster) DO NOTHING;
+
+-- name: acquire_leases
+-- Up to $4 of the rooms $2 for holder $1, for $5 seconds, each with a new epoch: rooms no one holds or whose
+-- lease ran out, and rooms of this host's own earlier processes, known dead ($3). With $6, only rooms left
+-- unheld for longer than a lease: orphans no host took within its share. Rows another transaction holds are
+-- skipped, so concurrent hosts never take the same room.
+WITH free AS (
+  SELECT broadcaster FROM ingest_cursor
+  WHERE broadcaster = ANY($2::text[])
+    AND (
+      holder = ANY($3::text[])
+      OR CASE WHEN $6 THEN lease_expires_at < now() - make_interval(secs => $5)
+              ELSE holder IS NULL OR lease_expires_at < now() END
+    )
+  ORDER BY random()
+  LIMIT $4
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE ingest_cursor c
+SET holder = $1, epoch = c.epoch + 1, lease_expires_at = now() + make_interval(secs => $5)
+FROM free WHERE c.broadcaster = free.broadcaster
+RETURNING c.broadcaster, c.epoch;
+
+-- name: renew_leases
+-- Holder $1 keeps the rooms $2 at epochs $3 for $4 more seconds; returns those still its own.
+UPDATE ingest_cursor c SET lease_expires_at = now() + make_interval(secs => $4)
+FROM unnest($2::text[], $3::bigint[]) AS h(room, epoch)
+WHERE c.broadcaster = h.room AND c.epoch = h.epoch AND c.holder = $1
+RETURNING c.broadcaster;
+
+-- name: release_leases
+-- Holder $1 gives up the rooms $2 at epochs $3 (another host may take them at once).
+UPDATE ingest_cursor c SET holder = NULL, lease_expires_at = now()
+FROM unnest($2::text[], $3::bigint[]) AS h(room, epoch)
+WHERE c.broadcaster = h.room AND c.epoch = h.epoch AND c.holder = $1;
+
+-- name: fence
+-- The first statement of a write: lock the cursor rows of the rooms $1 whose lease is still holder $3's at
+-- the epochs $2. A room not returned moved to another holder: the write must not touch it.
+SELECT c.broadcaster
+FROM ingest_cursor c
+JOIN unnest($1::text[], $2::bigint[]) AS f(room, epoch) ON c.broadcaster = f.room AND c.epoch = f.epoch
+WHERE c.holder = $3
+ORDER BY c.broadcaster
+FOR UPDATE OF c;
+
+-- name: room_leases
+-- Every leased room: holder, epoch, seconds left (negative: ran out), and the position.
+SELECT broadcaster, holder, epoch, EXTRACT(EPOCH FROM lease_expires_at - now())::float8 AS seconds_left,
+  last_event_id
+FROM ingest_cursor ORDER BY broadcaster;
+
+-- name: acquire_cluster_lease
+-- The cluster lease $1 for holder $2 for $3 seconds when free, run out or already its own (renewed, same
+-- epoch); returns the epoch, or nothing when another live holder has it.
+INSERT INTO cluster_leases AS l (name, holder, epoch, lease_expires_at)
+VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE SET
+  holder = $2,
+  epoch = CASE WHEN l.holder = $2 THEN l.epoch ELSE l.epoch + 1 END,
+  lease_expires_at = now() + make_interval(secs => $3)
+WHERE l.holder = $2 OR l.holder IS NULL OR l.lease_expires_at < now()
+RETURNING epoch;
+
+-- name: release_cluster_lease
+UPDATE cluster_leases SET holder = NULL, lease_expires_at = now() WHERE name = $1 AND holder = $2;
+
+-- name: local_holders
+-- Holders named after host $1 (`host:pid`) that hold rooms: this host's earlier processes among them.
+SELECT DISTINCT holder FROM ingest_cursor WHERE holder LIKE $1 || ':%';

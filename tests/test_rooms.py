@@ -300,3 +300,43 @@ async def test_a_start_while_postgresql_is_away_polls_the_rooms_it_last_knew_int
             await _until(drained, 60, "both rooms' spools drained once PostgreSQL is back")
     stored = await stored_ids_by_room(connection)
     assert {name: sum(ids.values()) for name, ids in stored.items()} == {"alice_cam": 400, "bob_cam": 400}
+
+
+async def test_rooms_share_write_transactions_and_an_event_postgresql_refuses_costs_only_its_room(
+    tmp_path: Path, database_url: str, connection: asyncpg.Connection
+) -> None:
+    poison = "refused by a check constraint"
+    await connection.execute(
+        f"ALTER TABLE interactions ADD CONSTRAINT test_poison CHECK (content <> '{poison}')"
+    )
+    # Small pages arriving for six rooms at once: the writers meet in the group commit.
+    served = [_room(f"room_{index}", 300, page_size=5) for index in range(6)]
+    refusing = served[2]
+    bad = next(event for event in refusing.events if event["method"] == "chatMessage")
+    bad["object"]["message"]["message"] = poison
+    async with simulator.RoomsSimulator(served) as server, aiohttp.ClientSession() as http:
+        env = _multi_room_env(tmp_path, database_url, server.base_url)
+        for room in served:
+            _give_token(tmp_path, room.username, room.token)
+            _rooms_command(env, tmp_path, "add", room.username)
+        async with running_daemon(env, tmp_path / "daemon.log") as daemon:
+            base = await chaos.health_url(daemon)
+            expected = {room.username: _delivered_ids(room) for room in served}
+            del expected[refusing.username][bad["id"]]
+
+            async def all_stored() -> bool:
+                quarantined = await connection.fetchval("SELECT count(*) FROM quarantined_events")
+                return quarantined == 1 and await stored_ids_by_room(connection) == expected
+
+            await _until(all_stored, 60, "every room stored, the refused event quarantined")
+            async with http.get(f"{base}/metrics") as response:
+                exposed = await response.text()
+    quarantined = await connection.fetch("SELECT broadcaster, event_id, reason FROM quarantined_events")
+    assert [(row["broadcaster"], row["event_id"]) for row in quarantined] == [(refusing.username, bad["id"])]
+    assert "test_poison" in quarantined[0]["reason"]
+    transactions = chaos.metric_value(exposed, "mhc_write_rooms_count")
+    rooms_written = chaos.metric_value(exposed, "mhc_write_rooms_sum")
+    fallback = "write_group_refused_writing_rooms_alone"
+    refused = sum(1 for record in chaos.log_records(daemon) if record.get("event") == fallback)
+    print(f"\n{transactions:.0f} transactions wrote {rooms_written:.0f} rooms' pages; {refused} refused")
+    assert rooms_written > transactions, "some transaction held the pages of two rooms or more"

@@ -85,6 +85,7 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
 
 
 CONNECT_TIMEOUT_SECONDS = 10.0
+IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # half the default lease
 
 
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
@@ -99,7 +100,13 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
-            server_settings={"timezone": "UTC", "application_name": "mhc-daemon"},
+            server_settings={
+                "timezone": "UTC",
+                "application_name": "mhc-daemon",
+                # A writer paused inside its transaction (SIGSTOP, a stalled VM) holds its rooms' cursor rows
+                # locked: the server ends it after this long, so another host can take the rooms over.
+                "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
+            },
             command_timeout=60,
             timeout=CONNECT_TIMEOUT_SECONDS,
         )

@@ -7,12 +7,13 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import asyncpg
 
-from daemon import ingest, logs, metrics, sessions, sql_files
+from daemon import errors, ingest, logs, metrics, sessions, sql_files
 from daemon.db.core import PLATFORM, Connection, row_count, translate_errors, utc_now
 from daemon.db.persons import Sighting, find_or_create_many, normalize_username, see
 
@@ -44,6 +45,27 @@ class WriteResult:
     new_by_method: dict[str, int] = field(default_factory=dict)  # new events per method (metrics, reports)
     gaps: list[ingest.Gap] = field(default_factory=list)  # gaps recorded by this transaction (not repeats)
     stale_stops: int = 0  # broadcastStop events older than the session they met: logged, counted, no change
+    # By the room whose feed delivered the pages, for each room the write changed anything for.
+    rooms: dict[str, RoomPart] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoomPart:
+    """What one write changed for one room: a write may hold the pages of several rooms."""
+
+    new_events: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    newest_event_time: dt.datetime | None = None  # naive UTC
+
+    def __add__(self, other: RoomPart) -> RoomPart:
+        times = [moment for moment in (self.newest_event_time, other.newest_event_time) if moment]
+        return RoomPart(
+            self.new_events + other.new_events,
+            self.duplicates + other.duplicates,
+            self.quarantined + other.quarantined,
+            max(times, default=None),
+        )
 
 
 def combined(first: WriteResult, second: WriteResult) -> WriteResult:
@@ -64,6 +86,10 @@ def combined(first: WriteResult, second: WriteResult) -> WriteResult:
         ),
         gaps=first.gaps + second.gaps,
         stale_stops=first.stale_stops + second.stale_stops,
+        rooms={
+            room: first.rooms.get(room, RoomPart()) + second.rooms.get(room, RoomPart())
+            for room in first.rooms.keys() | second.rooms.keys()
+        },
     )
 
 
@@ -80,11 +106,12 @@ async def load_cursor(pool: asyncpg.Pool, broadcaster: str) -> Cursor | None:
 _REPEAT_GUARDS = frozenset({"events_pkey", "uq_interactions_cb_event"})
 
 
-def _first_by_event(rows: list[Any]) -> dict[str, Any]:
-    """Rows keyed by event id; an id repeated within a page keeps its first row, as the events insert does."""
-    found: dict[str, Any] = {}
+def _first_by_event(rows: list[Any]) -> dict[tuple[str, str], Any]:
+    """Rows keyed by (broadcaster, event id); an id repeated within a page keeps its first row, as the events
+    insert does."""
+    found: dict[tuple[str, str], Any] = {}
     for row in rows:
-        found.setdefault(row.event_id, row)
+        found.setdefault((row.broadcaster, row.event_id), row)
     return found
 
 
@@ -106,11 +133,11 @@ async def _insert_events(
         await connection.execute(sql_files.query("insert_new_events"), *columns)
         return events
     inserted = await connection.fetch(sql_files.query("insert_events"), *columns)
-    new_ids = {row["event_id"] for row in inserted}
+    new_keys = {(row["broadcaster"], row["event_id"]) for row in inserted}
     fresh: list[ingest.StoredEvent] = []
     for event in events:
-        if event.event_id in new_ids:
-            new_ids.discard(event.event_id)
+        if (key := (event.broadcaster, event.event_id)) in new_keys:
+            new_keys.discard(key)
             fresh.append(event)
     return fresh
 
@@ -130,15 +157,15 @@ async def _derive(
     belongs to, and which sessions open and end, is `sessions.decide`'s; this applies it."""
     rows = _first_by_event(batch.interactions)
     changes = _first_by_event(batch.session_changes)
-    mapped = [event for event in fresh if event.event_id in rows]
-    if not mapped:
+    keyed = [(event, key) for event in fresh if (key := (event.broadcaster, event.event_id)) in rows]
+    if not keyed:
         return _Derived()
     sightings: dict[str, Sighting] = {}
-    for event in mapped:
-        row = rows[event.event_id]
+    for _, key in keyed:
+        row = rows[key]
         see(sightings, row.username, row.role, row.timestamp)
-    rooms = list({event.broadcaster for event in mapped})
-    times = [rows[event.event_id].timestamp for event in mapped]
+    rooms = list({event.broadcaster for event, _ in keyed})
+    times = [rows[key].timestamp for _, key in keyed]
     context = await connection.fetch(
         sql_files.query("batch_context"),
         list(sightings),
@@ -159,14 +186,14 @@ async def _derive(
         sessions.Event(
             event.event_id,
             event.broadcaster,
-            rows[event.event_id].timestamp,
-            cast(sessions.Kind, change.kind) if (change := changes.get(event.event_id)) else None,
+            rows[key].timestamp,
+            cast(sessions.Kind, change.kind) if (change := changes.get(key)) else None,
         )
-        for event in mapped
+        for event, key in keyed
     ]
     decisions = sessions.decide(walked, known)
     await _apply_sessions(connection, decisions)
-    interactions = [rows[event.event_id] for event in mapped]
+    interactions = [rows[key] for _, key in keyed]
     status = await connection.execute(
         sql_files.query("insert_interactions" if guarded else "insert_new_interactions"),
         ingest.SOURCE,
@@ -216,28 +243,54 @@ async def _apply_sessions(connection: Connection, decisions: sessions.Decisions)
             )
 
 
+@dataclass(frozen=True)
+class Fence:
+    """Whose write this is: the holder and, per room, the epoch of the lease it holds."""
+
+    holder: str
+    epochs: Mapping[str, int]
+
+
+async def _check_fence(connection: Connection, fence: Fence, rooms: Mapping[str, ingest.Batch]) -> None:
+    """Lock the cursor rows of `rooms` still leased to the fence's holder at its epochs; `LeaseLost` (the
+    transaction rolls back) when any room moved on. Held until the commit, so no takeover lands in between."""
+    names = [normalize_username(room) for room in rooms]
+    epochs = [fence.epochs.get(room, -1) for room in rooms]
+    held = await connection.fetch(sql_files.query("fence"), names, epochs, fence.holder)
+    lost = set(names) - {row["broadcaster"] for row in held}
+    if lost:
+        metrics.FENCED_WRITES.inc()
+        raise errors.LeaseLost(lost)
+
+
 async def _write(
     connection: Connection,
     batch: ingest.Batch,
-    cursor_broadcaster: str | None,
+    rooms: Mapping[str, ingest.Batch],
     timeout_seconds: int,
     guarded: bool,
+    fence: Fence | None,
 ) -> WriteResult:
+    """Store `batch`, the pages of `rooms` merged (none: a replay, which moves no cursor), fenced by `fence`
+    (first statement) when given."""
+    if fence is not None:
+        await _check_fence(connection, fence, rooms)
     fresh = await _insert_events(connection, batch, guarded)
-    if cursor_broadcaster is not None:
+    if rooms:
+        cursors = sorted((normalize_username(room), part.next_event_id) for room, part in rooms.items())
         await connection.execute(
-            sql_files.query("move_cursor"),
-            normalize_username(cursor_broadcaster),
-            batch.next_event_id,
+            sql_files.query("move_cursors"),
+            [room for room, _ in cursors],
+            [position for _, position in cursors],
             timeout_seconds,
         )
     gaps = await _insert_gaps(connection, batch.gaps) if batch.gaps else []
     derived = await _derive(connection, batch, fresh, guarded)
     decisions = derived.decisions
-    quarantined = 0
+    quarantined: list[str] = []  # the room of each new quarantine row
     if batch.quarantined:
         items = batch.quarantined
-        status = await connection.execute(
+        stored = await connection.fetch(
             sql_files.query("insert_quarantined"),
             [item.room for item in items],
             [item.fingerprint for item in items],
@@ -246,12 +299,12 @@ async def _write(
             [item.raw_text for item in items],
             [item.reason for item in items],
         )
-        quarantined = row_count(status)
+        quarantined = [row["broadcaster"] for row in stored]
     return WriteResult(
         new_events=len(fresh),
         duplicates=len(batch.events) - len(fresh),
         interactions=derived.interactions,
-        quarantined=quarantined,
+        quarantined=len(quarantined),
         sessions_opened=len(decisions.opened),
         sessions_closed=len(decisions.ended) + sum(1 for item in decisions.opened if item.ended_at),
         orphan_stops=len(decisions.orphan_stops),
@@ -260,7 +313,28 @@ async def _write(
         new_by_method=dict(collections.Counter(event.method for event in fresh)),
         gaps=gaps,
         stale_stops=len(decisions.stale_stops),
+        rooms=_room_parts(rooms, fresh, collections.Counter(quarantined)),
     )
+
+
+def _room_parts(
+    rooms: Mapping[str, ingest.Batch], fresh: list[ingest.StoredEvent], quarantined: collections.Counter[str]
+) -> dict[str, RoomPart]:
+    """What the write changed for each room whose pages it held, where that is anything (events told apart
+    by identity: two rooms' events may share an id)."""
+    new = {id(event) for event in fresh}
+    parts = {}
+    for room, batch in rooms.items():
+        stored = [event for event in batch.events if id(event) in new]
+        part = RoomPart(
+            new_events=len(stored),
+            duplicates=len(batch.events) - len(stored),
+            quarantined=quarantined[ingest.normalize_name(room)],
+            newest_event_time=max((event.event_time for event in stored), default=None),
+        )
+        if part != RoomPart():
+            parts[room] = part
+    return parts
 
 
 async def _insert_gaps(connection: Connection, gaps: tuple[ingest.Gap, ...]) -> list[ingest.Gap]:
@@ -275,31 +349,53 @@ async def _insert_gaps(connection: Connection, gaps: tuple[ingest.Gap, ...]) -> 
         [gap.reason for gap in gaps],
         [gap.detected_at for gap in gaps],
     )
-    new = {(row["after_event_id"], row["resumed_event_id"]) for row in rows}
-    return [gap for gap in gaps if (gap.after_event_id, gap.resumed_event_id) in new]
+    new = {(row["broadcaster"], row["after_event_id"], row["resumed_event_id"]) for row in rows}
+    return [gap for gap in gaps if (gap.broadcaster, gap.after_event_id, gap.resumed_event_id) in new]
 
 
 async def write_batch(
     pool: asyncpg.Pool, batch: ingest.Batch, *, cursor_broadcaster: str | None, timeout_seconds: int
 ) -> WriteResult:
-    """Store one API response in one transaction: its new events, their rows, session changes, quarantined
-    items, the gaps the read position moved over and the cursor after it (none when `cursor_broadcaster` is
-    None: a replay never moves it). All or nothing; an event already stored is skipped with everything
-    derived from it. Updates the ingest metrics (events, duplicates, quarantined, unknown methods, rows, gaps,
-    write time, lag) and logs each new gap after the commit, so a rolled-back write counts nothing.
+    """Store one room's responses (`write_rooms`); None as the room: a replay, which moves no cursor."""
+    rooms = {} if cursor_broadcaster is None else {cursor_broadcaster: batch}
+    return await _store(pool, batch, rooms, timeout_seconds, None)
+
+
+async def write_rooms(
+    pool: asyncpg.Pool, rooms: Mapping[str, ingest.Batch], *, timeout_seconds: int, fence: Fence | None = None
+) -> WriteResult:
+    """Store the responses of one or more rooms (each room's already merged) in one transaction: their new
+    events, their rows, session changes, quarantined items, the gaps each read position moved over and each
+    room's cursor after them. `WriteResult.rooms` tells each room its part. All or nothing; an event
+    already stored is skipped with everything derived from it. Updates the ingest metrics (events,
+    duplicates, quarantined, unknown methods, rows, gaps, write time, lag) and logs each new gap after the
+    commit, so a rolled-back write counts nothing.
 
     The transaction first runs on the fast path, plain inserts that assume every event is new; a repeat
     fails it on a unique index, and it runs again guarded (ON CONFLICT DO NOTHING). Repeats are rare
     (re-deliveries, a drained spool's first pages), and conflict handling costs PostgreSQL about a fifth more
-    per row (bench/)."""
+    per row (bench/).
+
+    With `fence`, the transaction first checks that every room's lease is still the fence's (`LeaseLost`
+    otherwise, and nothing is written)."""
+    return await _store(pool, ingest.merge(list(rooms.values())), rooms, timeout_seconds, fence)
+
+
+async def _store(
+    pool: asyncpg.Pool,
+    batch: ingest.Batch,
+    rooms: Mapping[str, ingest.Batch],
+    timeout_seconds: int,
+    fence: Fence | None,
+) -> WriteResult:
     started = time.perf_counter()
     with translate_errors():
         try:
-            result = await _write_transaction(pool, batch, cursor_broadcaster, timeout_seconds, guarded=False)
+            result = await _write_transaction(pool, batch, rooms, timeout_seconds, fence, guarded=False)
         except asyncpg.UniqueViolationError as error:
             if error.constraint_name not in _REPEAT_GUARDS:
                 raise
-            result = await _write_transaction(pool, batch, cursor_broadcaster, timeout_seconds, guarded=True)
+            result = await _write_transaction(pool, batch, rooms, timeout_seconds, fence, guarded=True)
     metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
     _count(result)
     for gap in result.gaps:
@@ -326,13 +422,14 @@ async def write_batch(
 async def _write_transaction(
     pool: asyncpg.Pool,
     batch: ingest.Batch,
-    cursor_broadcaster: str | None,
+    rooms: Mapping[str, ingest.Batch],
     timeout_seconds: int,
+    fence: Fence | None,
     *,
     guarded: bool,
 ) -> WriteResult:
     async with pool.acquire() as connection, connection.transaction():
-        return await _write(connection, batch, cursor_broadcaster, timeout_seconds, guarded)
+        return await _write(connection, batch, rooms, timeout_seconds, guarded, fence)
 
 
 def _count(result: WriteResult) -> None:
