@@ -29,7 +29,7 @@ POLL_STALE_FLOOR_S = 10.0
 # How often the background check re-reads the schema state; probes themselves only ping.
 CHECK_INTERVAL_S = 30.0
 RECENT_FAILURES = 10
-CHECKS = ("database", "migrations", "poll_stale", "poll_failing", "token_rejected")
+CHECKS = ("database", "migrations", "poll_stale", "poll_failing", "token_rejected", "rooms_share")
 # Hosts that mean "every address" when binding; a client must dial loopback instead.
 _WILDCARD_TO_LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104  # mapping, not binding
 
@@ -48,8 +48,14 @@ def failing_checks(
         failing.append("database")
     if not state.migrations_current:
         failing.append("migrations")
-    if state.last_successful_poll is None or now - state.last_successful_poll > stale_after:
+    # A daemon holding no room while other hosts hold them all has nothing to poll: that is not stale.
+    idle_by_share = not state.rooms and len(state.hosts) > 1 and state.share_held
+    if not idle_by_share and (
+        state.last_successful_poll is None or now - state.last_successful_poll > stale_after
+    ):
         failing.append("poll_stale")
+    if not state.share_held:
+        failing.append("rooms_share")  # rooms are free and this host holds less than its share
     if state.poll_problem is not None:
         failing.append("poll_failing")  # the latest request failed (an unreadable body, say): retrying
     if state.token_rejected:
@@ -95,6 +101,7 @@ def _room_json(room: runtime_state.RoomState, now: float) -> dict[str, Any]:
         "events_stored": room.events_stored,
         "spool_bytes": room.spool_bytes,
         "live_session": room.live_session_id,
+        "epoch": room.epoch,
     }
 
 
@@ -201,6 +208,9 @@ class _Endpoints:
                 "failures": state.failures,
             },
             "spool_bytes": state.spool_bytes,
+            "holder": state.holder,
+            "live_hosts": state.hosts,
+            "rooms_share": state.rooms_share,
             "rooms": [_room_json(room, now=time.time()) for _, room in sorted(state.rooms.items())],
             "recent_failures": recent,
             "latest_gap": latest_gap,

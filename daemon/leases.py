@@ -58,6 +58,7 @@ class LeaseKeeper:
     held: dict[str, _Held] = field(default_factory=dict)
     live_hosts: list[str] = field(default_factory=list)
     share: int = 0
+    satisfied: bool = False  # holds its share, or every room it could take is held (readiness)
     leader: asyncio.Event = field(default_factory=asyncio.Event)  # set while this daemon runs the lookups
     _leader_renewed: float = 0.0
 
@@ -93,9 +94,14 @@ class LeaseKeeper:
             acquired = await self._acquire(first, dead, len(first), orphans_only=False, sent=sent)
             rest = [room for room in candidates if room not in acquired]
             room_left = self.share - len(self.held)
-            acquired |= await self._acquire(rest, dead, room_left, orphans_only=False, sent=sent)
+            within_share = await self._acquire(rest, dead, room_left, orphans_only=False, sent=sent)
+            acquired |= within_share
+            # Ready: this host holds its share, or there was nothing more it could take (all are held).
+            self.satisfied = len(within_share) < room_left or len(self.held) >= self.share
             rest = [room for room in rest if room not in acquired]
             acquired |= await self._acquire(rest, dead, HANDOVER_STEP, orphans_only=True, sent=sent)
+        else:
+            self.satisfied = True
         extra: list[str] = []
         if self.share and len(self.held) > self.share:
             # The rooms held longest stay (sticky); the newest go first.

@@ -202,6 +202,8 @@ def room_json(room: db.Room, token_held: bool, now: dt.datetime | None = None) -
         "last_event_at": _utc(room.last_event_at),
         "lag_s": None if lag is None else round(lag, 1),
         "added_at": _utc(room.added_at),
+        "holder": room.holder,
+        "epoch": room.epoch,
     }
 
 
@@ -212,10 +214,11 @@ def _room_state(room: db.Room) -> str:
 
 
 def render_rooms(rooms: list[db.Room], held: set[str], now: dt.datetime) -> str:
-    """One line per room: whether it is captured, whether this host holds its token, how far behind it is."""
+    """One line per room: whether it is captured, whether this host holds its token, how far behind it is,
+    and which daemon holds its lease (none: the lease ran out) at which epoch."""
     if not rooms:
         return "no rooms: add one with `mhc-daemon rooms add NAME`"
-    rows = [("ROOM", "STATE", "TOKEN", "LAST EVENT", "LAG")]
+    rows = [("ROOM", "STATE", "TOKEN", "LAST EVENT", "LAG", "HOLDER", "EPOCH")]
     for room in rooms:
         lag = _lag(room, now)
         rows.append(
@@ -225,6 +228,8 @@ def render_rooms(rooms: list[db.Room], held: set[str], now: dt.datetime) -> str:
                 "yes" if room.name in held else "no",
                 _time(room.last_event_at) if room.last_event_at else "-",
                 _duration(lag) if lag is not None else "-",
+                room.holder or "-",
+                str(room.epoch),
             )
         )
     return _table(rows)

@@ -113,8 +113,9 @@ class TokenFiles:
 
 
 def load_known(data_dir: Path) -> set[str]:
-    """The enabled rooms as the database last listed them on this host (empty when never, or unreadable): a
-    daemon that starts while PostgreSQL is away polls them into their spools instead of polling nothing."""
+    """The rooms this host last held the lease of (empty when never, or unreadable): a daemon that starts
+    while PostgreSQL is away polls them into their spools instead of polling nothing (or every room of the
+    cluster)."""
     path = data_dir / KNOWN_ROOMS_FILE
     try:
         names = json.loads(path.read_text(encoding="utf-8"))["rooms"]

@@ -44,6 +44,8 @@ class RuntimeState:
     started_at: float = field(default_factory=time.time)
     hosts: list[str] = field(default_factory=list)  # the live daemons sharing the rooms, this one included
     rooms_share: int = 0  # this daemon's fair share of the rooms (rooms / live hosts)
+    holder: str = ""  # this daemon's name in the leases (`host id:pid`)
+    share_held: bool = True  # holds its share of the rooms, or every room it could take is held
     last_successful_poll: float | None = None  # wall-clock seconds
     token_rejected: bool = False
     database_up: bool = False

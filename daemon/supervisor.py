@@ -92,13 +92,14 @@ class Supervisor:
     # Set when a room's token changed: a room waiting out a rejected token asks again at once.
     _token_changed: dict[str, asyncio.Event] = field(init=False, default_factory=dict)
     keeper: leases.LeaseKeeper | None = field(init=False, default=None)  # made once the pool is open
+    _saved_held: set[str] = field(init=False, default_factory=set)  # as last written for `rooms.load_known`
 
     def __post_init__(self) -> None:
         self.credentials = credentials.Credentials(self.settings)
         self.token_files = rooms.TokenFiles(rooms.tokens_dir(self.settings))
         self.token_files.scan()
-        if self.token_files.directory is not None:  # until the database answers: the rooms it last listed
-            self._table_rooms = rooms.load_known(self.settings.data_dir)
+        if self.token_files.directory is not None:  # until the database answers: the rooms it last held
+            self._table_rooms = self._saved_held = rooms.load_known(self.settings.data_dir)
         # A limit for the process besides each room's own: the API's 2,000 a minute do not say per what.
         self.limiter = events_api.RequestLimiter(
             self.settings.cb_events_max_requests_per_minute, 60.0, self._poll_sleep
@@ -130,6 +131,7 @@ class Supervisor:
             log.info("stop_requested")
             systemd.stopping()
             self.stop.set()
+            self._rescan.set()
             for unit in self.units.values():
                 unit.stop.set()
 
@@ -317,8 +319,10 @@ class Supervisor:
                 systemd.ready()  # nothing to poll is a state, not a failure to start
                 announced = True
             due = loop.time() + self.settings.lease_renew_seconds
-            while not self._rescan.is_set() and loop.time() < due:
-                if await waits.wait_for_stop(self.stop, min(1.0, self.settings.lease_renew_seconds)):
+            while not self._rescan.is_set() and (left := due - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):  # a stop sets `_rescan` too
+                    await asyncio.wait_for(self._rescan.wait(), timeout=min(left, 1.0))
+                if self.stop.is_set():
                     return
                 if not self.units:  # an idle daemon is not a wedged one
                     self.state.poll_progress += 1
@@ -342,13 +346,18 @@ class Supervisor:
         }
         unleased = {name for name, unit in self.units.items() if unit.room.epoch is None and not unit.lost}
         total = len(self._table_rooms | ({self.single_room} if self.single_room else set()))
-        try:
-            turn = await keeper.round(wanted, total, progressing, unleased)
-        except errors.StorageError as error:
-            log.warning("lease_round_failed", error=logs.mask(str(error)))
+        try:  # bounded: a database that stops answering must not hold up `lapsed`
+            turn = await asyncio.wait_for(
+                keeper.round(wanted, total, progressing, unleased), timeout=self.settings.lease_seconds / 2
+            )
+        except (errors.StorageError, TimeoutError) as error:
+            log.warning("lease_round_failed", error=logs.mask(str(error)) or "no answer in time")
             return
-        self.state.hosts = keeper.live_hosts
-        self.state.rooms_share = keeper.share
+        self.state.hosts, self.state.holder = keeper.live_hosts, keeper.holder
+        self.state.rooms_share, self.state.share_held = keeper.share, keeper.satisfied
+        if keeper.held.keys() != self._saved_held and self.token_files.directory is not None:
+            self._saved_held = set(keeper.held)
+            rooms.save_known(self.settings.data_dir, self._saved_held)
         for name in turn.lost:
             if name in self.units:
                 self.units[name].give_up("another host took the room")
@@ -371,18 +380,16 @@ class Supervisor:
         unit.stop.set()
 
     async def _wanted_rooms(self, pool: db.Pool) -> set[str]:
-        """The rooms to poll now: the single-room settings' room, and the enabled rows of `rooms` with a token
-        file (as last read while the database answered, on this host: kept in `MHC_DATA_DIR/rooms.json`)."""
+        """The rooms this daemon may poll (their leases decide which it does): the single-room settings' room,
+        and the enabled rows of `rooms` with a token file, as last read; before the database first answers,
+        the rooms this host last held (`MHC_DATA_DIR/rooms.json`)."""
         changed = self.token_files.scan()
         for name in changed & self.units.keys() & self._token_changed.keys():
             log.info("room_token_changed", room=name)
             self._token_changed[name].set()
         if self.token_files.directory is not None and self.database_ready.is_set():
             try:
-                listed = set(await db.enabled_rooms(pool))
-                if listed != self._table_rooms:
-                    rooms.save_known(self.settings.data_dir, listed)
-                self._table_rooms = listed
+                self._table_rooms = set(await db.enabled_rooms(pool))
             except errors.StorageError as error:
                 log.warning("rooms_not_read", error=logs.mask(str(error)), keeping=sorted(self._table_rooms))
         wanted = self._table_rooms & self.token_files.rooms()

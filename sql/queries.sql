@@ -446,7 +446,8 @@ SELECT name FROM rooms WHERE enabled ORDER BY name;
 
 -- name: list_rooms
 -- Every room of the table or of the cursor (a single-room daemon's room has no row), with its read position.
-SELECT COALESCE(r.name, c.broadcaster) AS name, r.enabled, r.added_at, c.last_event_id, c.updated_at AS polled_at
+SELECT COALESCE(r.name, c.broadcaster) AS name, r.enabled, r.added_at, c.last_event_id, c.updated_at AS polled_at,
+  CASE WHEN c.lease_expires_at > now() THEN c.holder END AS holder, COALESCE(c.epoch, 0) AS epoch
 FROM rooms r
 FULL JOIN ingest_cursor c ON c.broadcaster = r.name
 ORDER BY 1;

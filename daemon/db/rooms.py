@@ -23,6 +23,8 @@ class Room:
     added_at: dt.datetime | None
     last_event_id: str | None  # the committed read position
     polled_at: dt.datetime | None  # when that position last moved (naive UTC)
+    holder: str | None = None  # the daemon whose lease on the room has not run out (`host id:pid`)
+    epoch: int = 0  # of the room's lease: grows with every new holder
 
     @property
     def last_event_at(self) -> dt.datetime | None:
