@@ -151,7 +151,9 @@ class Supervisor:
         settings = self.settings
         async with contextlib.AsyncExitStack() as stack:
             url = await stack.enter_async_context(database_server.open_url(settings))
-            pool = await stack.enter_async_context(db.open_pool(url, min_size=0, max_size=6))
+            pool = await stack.enter_async_context(
+                db.open_pool(url, min_size=0, max_size=6, application_name=f"mhc-daemon {settings.host_id}")
+            )
             # No connection limit: every room holds a long-poll open (aiohttp's default caps them at 100).
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(

@@ -137,21 +137,33 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
         print(f"kill -9 host-a: its {len(theirs)} rooms committed by a new holder after {failover:.1f} s")
         assert failover <= FAILOVER_LIMIT
 
-        # SIGSTOP for 60 s: the paused host's rooms move; when it wakes, its stale writes are fenced.
-        b.signal(signal.SIGSTOP)
+        # SIGSTOP for 60 s, caught inside a write transaction: the server ends that transaction (it sits idle
+        # holding the rooms' cursor rows), the rooms move, and nothing of it is stored.
+        stopped_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        paused, backend = await _stop_inside_a_write(b, connection, "mhc-daemon host-b")
         try:
+            ended = await _until(lambda: _gone(connection, backend), 30, "host-b's open transaction ended")
+            print(f"SIGSTOP host-b inside a write transaction: the server rolled it back after {ended:.1f} s")
             moved = await _until(
                 lambda: _all_held_by(connection, {"host-c"}), 60, "every room on host-c while host-b sleeps"
             )
-            print(f"SIGSTOP host-b: every room on host-c after {moved:.1f} s")
-            await asyncio.sleep(60 - moved)
+            print(f"SIGSTOP host-b: every room on host-c after {time.monotonic() - paused:.1f} s")
+            await asyncio.sleep(max(0.0, 60 - (time.monotonic() - paused)))
         finally:
             b.signal(signal.SIGCONT)
-        await asyncio.sleep(10)
+        await asyncio.sleep(5)
         fenced = await _metric(b, "mhc_fenced_writes_total")
         lost = await _metric(b, "mhc_leases_lost_total")
-        print(f"SIGSTOP host-b 60 s: {fenced:.0f} stale writes rolled back, {lost:.0f} leases lost")
-        assert fenced >= 1, "host-b tried to write after waking, and the fence refused it"
+        # What host-b was doing when it stopped, a write or taking a lease, failed on the ended session.
+        failed = [
+            record
+            for record in chaos.log_records(b)
+            if record.get("event") in ("database_unavailable", "lease_round_failed")
+            and record.get("timestamp", "") >= stopped_at
+        ]
+        print(f"SIGCONT host-b: {len(failed)} failed on the ended session,", end=" ")
+        print(f"{fenced:.0f} writes fenced, {lost:.0f} leases given up")
+        assert failed or fenced, "the transaction host-b was in when it stopped did not go through"
 
         # host-c's link to PostgreSQL stops forwarding: its rooms move to host-b.
         await _until(balanced_between(connection, {"host-b", "host-c"}), 90, "15/15 on host-b and host-c")
@@ -181,6 +193,28 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
         await _until(complete, max(0.0, remaining) + 60, "every delivered event stored once, in every room")
     quarantined = await connection.fetchval("SELECT count(*) FROM quarantined_events")
     assert quarantined == 0
+
+
+async def _stop_inside_a_write(
+    daemon: DaemonProcess, connection: asyncpg.Connection, application: str
+) -> tuple[float, int]:
+    """SIGSTOP `daemon` at a moment one of its connections is inside a transaction (between statements):
+    try until the stopped process is seen holding one. Returns when it stopped, and that backend's pid."""
+    inside = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND state = 'idle in transaction'"
+    busy = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND xact_start IS NOT NULL"
+    for _ in range(20_000):
+        if await connection.fetchval(busy, application):
+            daemon.signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            await asyncio.sleep(0.05)  # a statement already sent completes; then the session idles
+            if backend := await connection.fetchval(inside, application):
+                return stopped, backend
+            daemon.signal(signal.SIGCONT)
+    raise AssertionError(f"{application} was never caught inside a transaction")
+
+
+async def _gone(connection: asyncpg.Connection, backend: int) -> bool:
+    return not await connection.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", backend)
 
 
 async def _all_held_by(connection: asyncpg.Connection, hosts: set[str]) -> bool:

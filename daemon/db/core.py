@@ -88,7 +88,9 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # half the default lease
 
 
-async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def connect(
+    dsn: str, *, min_size: int = 1, max_size: int = 4, application_name: str = "mhc-daemon"
+) -> asyncpg.Pool:
     """Open the pool. Every session runs in UTC so NOW() defaults on TIMESTAMP columns are UTC too.
 
     With `min_size=0` nothing connects here: the pool opens while the database is down and each later
@@ -102,7 +104,7 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.
             init=_init_connection,
             server_settings={
                 "timezone": "UTC",
-                "application_name": "mhc-daemon",
+                "application_name": application_name,  # pg_stat_activity tells the daemons apart
                 # A writer paused inside its transaction (SIGSTOP, a stalled VM) holds its rooms' cursor rows
                 # locked: the server ends it after this long, so another host can take the rooms over.
                 "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
@@ -114,8 +116,10 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.
 
 
 @contextlib.asynccontextmanager
-async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> AsyncIterator[asyncpg.Pool]:
-    pool = await connect(dsn, min_size=min_size, max_size=max_size)
+async def open_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 4, application_name: str = "mhc-daemon"
+) -> AsyncIterator[asyncpg.Pool]:
+    pool = await connect(dsn, min_size=min_size, max_size=max_size, application_name=application_name)
     try:
         yield pool
     finally:
