@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import harness, latency, memory, rooms, startup, throughput
+from bench import failover, harness, latency, memory, rooms, startup, throughput
 
 RESULTS = Path(__file__).with_name("results.json")
-STEPS = ("throughput", "latency", "memory", "startup", "rooms")
+STEPS = ("throughput", "latency", "memory", "startup", "rooms", "failover")
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,35 @@ async def _run(args: argparse.Namespace, work: Path) -> tuple[list[Figure], dict
                 )
             if "rooms" in steps:
                 figures += await _rooms(databases, sizes, work, details)
+            if "failover" in steps:
+                figures += await _failover(databases, work, details)
     return figures, details
+
+
+async def _failover(databases: harness.Databases, work: Path, details: dict[str, Any]) -> list[Figure]:
+    _say("failover: two daemons share 10 live rooms; kill -9 one, then SIGTERM one")
+    result = await failover.measure(databases, work, rooms=10)
+    details["failover"] = result.__dict__
+    return [
+        Figure(
+            "failover after kill -9 (20 s lease)",
+            f"{result.kill_last_s:.1f} s to the last room's first commit by the new holder"
+            f" (first room {result.kill_first_s:.1f} s; {result.killed_rooms} rooms)",
+            "≤ 30 s",
+            result.kill_last_s <= 30,
+            result.kill_last_s,
+            "s",
+        ),
+        Figure(
+            "graceful handover (SIGTERM)",
+            f"{result.graceful_last_s:.1f} s to the last room's first commit by the new holder"
+            f" (first room {result.graceful_first_s:.1f} s; {result.handed_rooms} rooms)",
+            "seconds, not a lease (≤ 10 s)",
+            result.graceful_last_s <= 10,
+            result.graceful_last_s,
+            "s",
+        ),
+    ]
 
 
 async def _rooms(
