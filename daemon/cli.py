@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ async def _rooms(settings: config.Settings, args: argparse.Namespace) -> int:
     async with database_server.open_url(settings) as url:
         async with db.single_connection(url) as connection:
             await migrations.migrate(connection)
-        async with db.open_pool(url) as pool:
+        async with db.open_pool(url, pooler=settings.database_transaction_pooler) as pool:
             if args.action == "list":
                 listed = await db.list_rooms(pool)
                 tokens = rooms.TokenFiles(rooms.tokens_dir(settings))
@@ -131,7 +132,7 @@ async def _replay(settings: config.Settings, args: argparse.Namespace) -> int:
     async with database_server.open_url(settings) as url:
         async with db.single_connection(url) as connection:
             await migrations.migrate(connection)
-        async with db.open_pool(url) as pool:
+        async with db.open_pool(url, pooler=settings.database_transaction_pooler) as pool:
             for number, line in enumerate(lines, start=1):
                 events = _response_events(line)
                 if events is None:
@@ -234,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.asynccontextmanager
+async def _database(settings: config.Settings) -> AsyncIterator[db.Pool]:
+    """A pool on the configured database (or the embedded one) for a one-shot command."""
+    async with (
+        database_server.open_url(settings) as url,
+        db.open_pool(url, pooler=settings.database_transaction_pooler) as pool,
+    ):
+        yield pool
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -271,14 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _deltas(settings: config.Settings, args: argparse.Namespace) -> int:
-    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+    async with _database(settings) as pool:
         deltas = await reports.deltas_for(pool, args.username, args.source)
     print(json.dumps(reports.deltas_json(deltas), indent=2) if args.json else reports.render_deltas(deltas))
     return 0
 
 
 async def _stats(settings: config.Settings, args: argparse.Namespace) -> int:
-    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+    async with _database(settings) as pool:
         stats = await reports.room_stats(
             pool,
             room=args.room or settings.cb_username or None,
@@ -296,7 +307,7 @@ async def _run_session_action(settings: config.Settings, args: argparse.Namespac
 
 
 async def _gaps(settings: config.Settings, args: argparse.Namespace) -> int:
-    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+    async with _database(settings) as pool:
         gaps = await db.ingest_gaps(pool, limit=args.limit, room=args.room)
     if args.json:
         print(json.dumps([reports.gap_json(gap) for gap in gaps], indent=2))
@@ -306,7 +317,7 @@ async def _gaps(settings: config.Settings, args: argparse.Namespace) -> int:
 
 
 async def _list_sessions(settings: config.Settings, args: argparse.Namespace) -> int:
-    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+    async with _database(settings) as pool:
         summaries = await db.session_summaries(
             pool, last=args.last, include_excluded=args.include_excluded, room=args.room
         )
@@ -362,7 +373,7 @@ def _add_report_commands(commands: Any) -> None:
 
 async def _repair_sessions(settings: config.Settings, args: argparse.Namespace) -> int:
     stale_after = dt.timedelta(minutes=settings.session_stale_minutes)
-    async with database_server.open_url(settings) as url, db.open_pool(url) as pool:
+    async with _database(settings) as pool:
         outcome = await db.repair_sessions(
             pool, now=db.utc_now(), stale_after=stale_after, dry_run=args.dry_run
         )

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = None
     data_dir: Path = Field(default_factory=default_data_dir)
     migrate_on_start: bool = True
+    # true when MHC_DATABASE_URL is a transaction-pooling proxy (PgBouncer, pool_mode = transaction)
+    database_transaction_pooler: bool = False
 
     # Chaturbate Events API
     cb_username: str = ""

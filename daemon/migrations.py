@@ -2,7 +2,7 @@
 
 Each file in `sql/migrations/` is `NNN_name.sql` with a `-- migrate:up` and a `-- migrate:down` section.
 Applied versions are recorded in `schema_migrations` with the file's SHA-256; a changed file is refused.
-This module works on one asyncpg connection (not the pool): the advisory lock is held by that session.
+This module works on one asyncpg connection (not the pool); its advisory lock is taken per transaction.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ _DOWN_MARK = "-- migrate:down"
 # Any constant works; this one is "mhc-daemon" read as bytes, so it will not collide with other users' locks.
 _LOCK_KEY = int.from_bytes(b"mhc-daem", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
+# Held for one transaction at a time (never for a session): it works behind a transaction-pooling proxy, and
+# a process that dies mid-migration cannot leave it taken.
+_LOCK = "SELECT pg_advisory_xact_lock($1)"
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
   version INTEGER PRIMARY KEY,
@@ -132,8 +135,9 @@ async def migrate(
 ) -> list[str]:
     """Move the schema up or down to `target` (None: the newest). Returns what was done, one line each.
 
-    Holds a session advisory lock so that two processes never migrate at once; each migration runs in its own
-    transaction, so a failure leaves the schema at the last migration that succeeded.
+    Each migration runs in its own transaction under a transaction-level advisory lock, and is skipped there
+    when another process applied it meanwhile: two processes never apply one twice, and a failure leaves the
+    schema at the last migration that succeeded.
     """
     known = known if known is not None else load()
     newest = known[-1].version if known else 0
@@ -141,30 +145,34 @@ async def migrate(
     if target < 0 or target > newest:
         raise errors.MigrationError(f"no migration {target}; versions run from 0 to {newest}")
     done: list[str] = []
-    await connection.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
-    try:
+    async with connection.transaction():
+        await connection.execute(_LOCK, _LOCK_KEY)
         await connection.execute(_CREATE_TABLE)
         applied = await _applied(connection)
-        _check(known, applied)
-        for migration in known:
-            if migration.version <= target and migration.version not in applied:
-                await _apply(connection, migration, up=True)
-                done.append(f"applied {migration.name}")
-        for migration in reversed(known):
-            if migration.version > target and migration.version in applied:
-                await _apply(connection, migration, up=False)
-                done.append(f"reverted {migration.name}")
-        if target == 0:
-            # `--to 0` removes everything the migrations created, the bookkeeping table included.
+    _check(known, applied)
+    for migration in known:
+        wanted = migration.version <= target and migration.version not in applied
+        if wanted and await _apply(connection, migration, up=True):
+            done.append(f"applied {migration.name}")
+    for migration in reversed(known):
+        unwanted = migration.version > target and migration.version in applied
+        if unwanted and await _apply(connection, migration, up=False):
+            done.append(f"reverted {migration.name}")
+    if target == 0:
+        # `--to 0` removes everything the migrations created, the bookkeeping table included.
+        async with connection.transaction():
+            await connection.execute(_LOCK, _LOCK_KEY)
             await connection.execute("DROP TABLE IF EXISTS schema_migrations")
-    finally:
-        await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return done
 
 
-async def _apply(connection: asyncpg.Connection, migration: Migration, *, up: bool) -> None:
+async def _apply(connection: asyncpg.Connection, migration: Migration, *, up: bool) -> bool:
+    """Apply (or revert) `migration` in a transaction of its own; False when another process did first."""
     try:
         async with connection.transaction():
+            await connection.execute(_LOCK, _LOCK_KEY)
+            if (migration.version in await _applied(connection)) == up:
+                return False
             if up:
                 await connection.execute(migration.up)
                 await connection.execute(
@@ -181,3 +189,4 @@ async def _apply(connection: asyncpg.Connection, migration: Migration, *, up: bo
     except asyncpg.PostgresError as error:
         direction = "applying" if up else "reverting"
         raise errors.MigrationError(f"{direction} {migration.name}.sql failed: {error}") from error
+    return True

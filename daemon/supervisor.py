@@ -152,7 +152,13 @@ class Supervisor:
         async with contextlib.AsyncExitStack() as stack:
             url = await stack.enter_async_context(database_server.open_url(settings))
             pool = await stack.enter_async_context(
-                db.open_pool(url, min_size=0, max_size=6, application_name=f"mhc-daemon {settings.host_id}")
+                db.open_pool(
+                    url,
+                    min_size=0,
+                    max_size=6,
+                    application_name=f"mhc-daemon {settings.host_id}",
+                    pooler=settings.database_transaction_pooler,
+                )
             )
             # No connection limit: every room holds a long-poll open (aiohttp's default caps them at 100).
             session = await stack.enter_async_context(

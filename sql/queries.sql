@@ -508,10 +508,14 @@ WHERE c.broadcaster = h.room AND c.epoch = h.epoch AND c.holder = $1;
 
 -- name: fence
 -- The first statement of a write: lock the cursor rows of the rooms $1 whose lease is still holder $3's at
--- the epochs $2. A room not returned moved to another holder: the write must not touch it.
+-- the epochs $2. A room not returned moved to another holder: the write must not touch it. The rows stay
+-- locked until the commit, so the transaction may not sit idle longer than $4 (set here, for this
+-- transaction only, which also works behind a transaction-pooling proxy): a writer frozen inside it (SIGSTOP,
+-- a stalled VM) is ended by the server, and the rooms can move.
 SELECT c.broadcaster
 FROM ingest_cursor c
 JOIN unnest($1::text[], $2::bigint[]) AS f(room, epoch) ON c.broadcaster = f.room AND c.epoch = f.epoch
+CROSS JOIN (SELECT set_config('idle_in_transaction_session_timeout', $4, true)) AS bounded
 WHERE c.holder = $3
 ORDER BY c.broadcaster
 FOR UPDATE OF c;

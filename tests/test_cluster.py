@@ -23,6 +23,7 @@ import pytest
 from daemon.simulator import events as simulator
 from daemon.simulator import traffic
 from tests import chaos_support as chaos
+from tests import pgbouncer
 from tests.daemon_process import DaemonProcess, daemon_env, run_command, running_daemon
 from tests.tcp_proxy import TcpProxy
 
@@ -34,13 +35,13 @@ SECONDS = 200  # of traffic: the events of every room are available by then
 FAILOVER_LIMIT = 30.0  # the issue's bound for a host's death, with the default 20 s lease
 
 
-def _rooms() -> list[simulator.EventsSimulator]:
+def _rooms(seconds: int) -> list[simulator.EventsSimulator]:
     start_ms = int(time.time() * 1000)
     return [
         simulator.EventsSimulator(
             username=(name := f"room_{index:02d}"),
             token=f"token-{name}-0123456789",
-            events=traffic.generate(int(RATE * SECONDS), seed=index, broadcaster=name, start_ms=start_ms),
+            events=traffic.generate(int(RATE * seconds), seed=index, broadcaster=name, start_ms=start_ms),
             rate=RATE,
         )
         for index in range(ROOMS)
@@ -84,12 +85,35 @@ async def _metric(daemon: DaemonProcess, name: str) -> float:
 async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_link_and_a_fourth_host(
     tmp_path: Path, database_url: str, connection: asyncpg.Connection
 ) -> None:
-    served = _rooms()
+    await _cluster(tmp_path, database_url, connection, database_url, seconds=SECONDS, everything=True)
+
+
+async def test_behind_pgbouncer_in_transaction_mode_a_kill_and_a_pause_lose_and_double_nothing(
+    tmp_path: Path, database_url: str, connection: asyncpg.Connection
+) -> None:
+    """The daemons reach PostgreSQL through PgBouncer (pool_mode = transaction): no session outlives a
+    transaction, so the fence, its idle bound and the migrations' lock must each live in one."""
+    async with pgbouncer.transaction_pooler(database_url, tmp_path / "pgbouncer") as pooled:
+        await _cluster(tmp_path, database_url, connection, pooled, seconds=120, everything=False)
+
+
+async def _cluster(
+    tmp_path: Path,
+    database_url: str,
+    connection: asyncpg.Connection,
+    daemons_url: str,
+    *,
+    seconds: int,
+    everything: bool,
+) -> None:
+    """Three daemons, 30 rooms: kill -9 one, SIGSTOP one for 60 s; with `everything`, also cut one's link to
+    the database and add a fourth. Then every room's events, each once."""
+    served = _rooms(seconds)
     tokens = tmp_path / "tokens"
     tokens.mkdir(mode=0o700)
     for room in served:
         (tokens / f"{room.username}.events").write_text(room.token)
-    parts = urlsplit(database_url)
+    parts = urlsplit(daemons_url)
     async with (
         simulator.RoomsSimulator(served) as server,
         TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy,
@@ -97,7 +121,7 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
     ):
         traffic_started = time.monotonic()
 
-        def env(host: str, url: str = database_url) -> dict[str, str]:
+        def env(host: str, url: str = daemons_url) -> dict[str, str]:
             values = daemon_env(
                 database_url=url,
                 events_base_url=server.base_url,
@@ -106,6 +130,7 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
                 MHC_HOST_ID=host,
                 MHC_CB_EVENTS_TIMEOUT="5",
                 MHC_LOG_LEVEL="info",
+                MHC_DATABASE_TRANSACTION_POOLER=str(daemons_url != database_url).lower(),
             )
             del values["MHC_CB_USERNAME"], values["MHC_CB_EVENTS_TOKEN"]
             return values
@@ -113,11 +138,11 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
         for room in served:
             assert run_command(["rooms", "add", room.username], env("setup"), tmp_path).returncode == 0
 
-        async def start(host: str, url: str = database_url) -> DaemonProcess:
+        async def start(host: str, url: str = daemons_url) -> DaemonProcess:
             return await daemons.enter_async_context(running_daemon(env(host, url), tmp_path / f"{host}.log"))
 
         a, b = await start("host-a"), await start("host-b")
-        await start("host-c", _through(database_url, proxy.port))
+        await start("host-c", _through(daemons_url, proxy.port))
         took = await _until(
             balanced_between(connection, {"host-a", "host-b", "host-c"}), 90, "30 rooms, 10 on each host"
         )
@@ -144,7 +169,7 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
         try:
             ended = await _until(lambda: _gone(connection, backend), 30, "host-b's open transaction ended")
             print(f"SIGSTOP host-b inside a write transaction: the server rolled it back after {ended:.1f} s")
-            moved = await _until(
+            await _until(
                 lambda: _all_held_by(connection, {"host-c"}), 60, "every room on host-c while host-b sleeps"
             )
             print(f"SIGSTOP host-b: every room on host-c after {time.monotonic() - paused:.1f} s")
@@ -167,18 +192,8 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
 
         # host-c's link to PostgreSQL stops forwarding: its rooms move to host-b.
         await _until(balanced_between(connection, {"host-b", "host-c"}), 90, "15/15 on host-b and host-c")
-        proxy.cut()
-        moved = await _until(lambda: _all_held_by(connection, {"host-b"}), 90, "host-c's rooms on host-b")
-        print(f"link host-c -> PostgreSQL cut: every room on host-b after {moved:.1f} s")
-        proxy.mend()
-
-        # A fourth host joins: the rooms rebalance, a few at a time.
-        await start("host-d")
-        spread = await _until(
-            balanced_between(connection, {"host-b", "host-c", "host-d"}), 120, "10/10/10 on b, c and d"
-        )
-        print(f"host-d joined: 10/10/10 after {spread:.1f} s")
-
+        if everything:
+            await _cut_link_and_add_a_host(connection, proxy, start)
         # Every room, every event, exactly once.
         expected = {room.username: Counter(entry.event["id"] for entry in room._entries) for room in served}
 
@@ -189,10 +204,26 @@ async def test_three_daemons_share_thirty_rooms_through_a_kill_a_pause_a_cut_lin
                 stored.setdefault(row["broadcaster"], Counter())[row["event_id"]] += 1
             return stored == expected
 
-        remaining = SECONDS - (time.monotonic() - traffic_started)
+        remaining = seconds - (time.monotonic() - traffic_started)
         await _until(complete, max(0.0, remaining) + 60, "every delivered event stored once, in every room")
     quarantined = await connection.fetchval("SELECT count(*) FROM quarantined_events")
     assert quarantined == 0
+
+
+async def _cut_link_and_add_a_host(
+    connection: asyncpg.Connection, proxy: TcpProxy, start: Callable[[str], Awaitable[DaemonProcess]]
+) -> None:
+    proxy.cut()
+    moved = await _until(lambda: _all_held_by(connection, {"host-b"}), 90, "host-c's rooms on host-b")
+    print(f"link host-c -> PostgreSQL cut: every room on host-b after {moved:.1f} s")
+    proxy.mend()
+
+    # A fourth host joins: the rooms rebalance, a few at a time.
+    await start("host-d")
+    spread = await _until(
+        balanced_between(connection, {"host-b", "host-c", "host-d"}), 120, "10/10/10 on b, c and d"
+    )
+    print(f"host-d joined: 10/10/10 after {spread:.1f} s")
 
 
 async def _stop_inside_a_write(

@@ -85,11 +85,24 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
 
 
 CONNECT_TIMEOUT_SECONDS = 10.0
-IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # half the default lease
+
+
+class _ProxiedConnection(asyncpg.Connection):
+    """A connection through a transaction-pooling proxy: returned to the pool, it only ends its transaction.
+    The default reset (RESET ALL and more) would run on a server session the proxy hands to another client
+    next, and undo that client's time zone and name."""
+
+    def get_reset_query(self) -> str:
+        return ""
 
 
 async def connect(
-    dsn: str, *, min_size: int = 1, max_size: int = 4, application_name: str = "mhc-daemon"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    application_name: str = "mhc-daemon",
+    pooler: bool = False,
 ) -> asyncpg.Pool:
     """Open the pool. Every session runs in UTC so NOW() defaults on TIMESTAMP columns are UTC too.
 
@@ -105,11 +118,12 @@ async def connect(
             server_settings={
                 "timezone": "UTC",
                 "application_name": application_name,  # pg_stat_activity tells the daemons apart
-                # A writer paused inside its transaction (SIGSTOP, a stalled VM) holds its rooms' cursor rows
-                # locked: the server ends it after this long, so another host can take the rooms over.
-                "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT,
             },
             command_timeout=60,
+            # Behind a transaction-pooling proxy (PgBouncer before 1.21) a named prepared statement does not
+            # survive its transaction, and the server session belongs to whoever runs the next one.
+            statement_cache_size=0 if pooler else 100,
+            connection_class=_ProxiedConnection if pooler else asyncpg.Connection,
             timeout=CONNECT_TIMEOUT_SECONDS,
         )
     return pool
@@ -117,9 +131,20 @@ async def connect(
 
 @contextlib.asynccontextmanager
 async def open_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 4, application_name: str = "mhc-daemon"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    application_name: str = "mhc-daemon",
+    pooler: bool = False,
 ) -> AsyncIterator[asyncpg.Pool]:
-    pool = await connect(dsn, min_size=min_size, max_size=max_size, application_name=application_name)
+    pool = await connect(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        application_name=application_name,
+        pooler=pooler,
+    )
     try:
         yield pool
     finally:
@@ -128,12 +153,14 @@ async def open_pool(
 
 @contextlib.asynccontextmanager
 async def single_connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """One connection outside the pool, for migrations (a session-level advisory lock needs one session)."""
+    """One connection outside the pool, for migrations: a few statements, never prepared by name, so that it
+    works behind a transaction-pooling proxy too."""
     with translate_errors():
         connection: asyncpg.Connection = await asyncpg.connect(
             dsn,
             server_settings={"timezone": "UTC", "application_name": "mhc-daemon-migrate"},
             timeout=CONNECT_TIMEOUT_SECONDS,
+            statement_cache_size=0,
         )
     try:
         yield connection

@@ -102,6 +102,7 @@ async def load_cursor(pool: asyncpg.Pool, broadcaster: str) -> Cursor | None:
     return Cursor(row["broadcaster"], row["last_event_id"], row["timeout_seconds"])
 
 
+IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # half the default lease (see the `fence` query)
 # The unique indexes a repeated event violates on the writer's fast path (see write_batch).
 _REPEAT_GUARDS = frozenset({"events_pkey", "uq_interactions_cb_event"})
 
@@ -256,7 +257,9 @@ async def _check_fence(connection: Connection, fence: Fence, rooms: Mapping[str,
     transaction rolls back) when any room moved on. Held until the commit, so no takeover lands in between."""
     names = [normalize_username(room) for room in rooms]
     epochs = [fence.epochs.get(room, -1) for room in rooms]
-    held = await connection.fetch(sql_files.query("fence"), names, epochs, fence.holder)
+    held = await connection.fetch(
+        sql_files.query("fence"), names, epochs, fence.holder, IDLE_IN_TRANSACTION_TIMEOUT
+    )
     lost = set(names) - {row["broadcaster"] for row in held}
     if lost:
         metrics.FENCED_WRITES.inc()
