@@ -49,25 +49,15 @@ async def measure(databases: harness.Databases, work: Path, *, rooms: int) -> Fa
         for index, name in enumerate(names)
     ]
     tokens = work / "failover-tokens"
-    tokens.mkdir(mode=0o700, exist_ok=True)
-    for room in served:
-        (tokens / f"{room.username}.events").write_text(room.token)
     listener = await asyncpg.connect(database_url)
     try:
         committed = await harness.commit_times(listener)
-        await listener.execute("INSERT INTO rooms (name) SELECT unnest($1::text[])", names)
+        await harness.rooms_table(listener, served, tokens)
         async with simulator_events.RoomsSimulator(served, ssl_context=harness.server_tls()) as server:
 
             def env(host: str) -> dict[str, str]:
-                values = harness.daemon_env(
-                    database_url,
-                    server.base_url,
-                    work / f"failover-{host}",
-                    MHC_TOKENS_DIR=str(tokens),
-                    MHC_HOST_ID=host,
-                )
-                del values["MHC_CB_USERNAME"], values["MHC_CB_EVENTS_TOKEN"]
-                return values
+                data = work / f"failover-{host}"
+                return harness.rooms_env(database_url, server.base_url, data, tokens, MHC_HOST_ID=host)
 
             async with (
                 harness.daemon(env("bench-a"), work / "failover-a.log") as first,

@@ -224,6 +224,31 @@ def daemon_env(database_url: str, events_base_url: str, data_dir: Path, **extra:
     )
 
 
+async def rooms_table(
+    connection: asyncpg.Connection, served: list[simulator_events.EventsSimulator], tokens: Path
+) -> None:
+    """Every served room as a row of `rooms`, with its `NAME.events` token file in `tokens`."""
+    _token_files(served, tokens)
+    await connection.execute(
+        "INSERT INTO rooms (name) SELECT unnest($1::text[])", [room.username for room in served]
+    )
+
+
+def _token_files(served: list[simulator_events.EventsSimulator], tokens: Path) -> None:
+    tokens.mkdir(mode=0o700, exist_ok=True)
+    for room in served:
+        (tokens / f"{room.username}.events").write_text(room.token)
+
+
+def rooms_env(
+    database_url: str, events_base_url: str, data_dir: Path, tokens: Path, **extra: str
+) -> dict[str, str]:
+    """`daemon_env` for a daemon of many rooms: token files in `tokens`, no single-room settings."""
+    env = daemon_env(database_url, events_base_url, data_dir, MHC_TOKENS_DIR=str(tokens), **extra)
+    del env["MHC_CB_USERNAME"], env["MHC_CB_EVENTS_TOKEN"]
+    return env
+
+
 @contextlib.asynccontextmanager
 async def daemon(env: dict[str, str], log_path: Path) -> AsyncIterator[daemon_process.DaemonProcess]:
     """The daemon as a child process; stopped with SIGTERM (killed if that takes over 20 s) on exit."""

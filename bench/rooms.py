@@ -62,22 +62,18 @@ async def many(
         for index, room in enumerate(live)
     }
     tokens = work / "room-tokens"
-    tokens.mkdir(mode=0o700, exist_ok=True)
-    for room in served:
-        (tokens / f"{room.username}.events").write_text(room.token)
     listener = await asyncpg.connect(database_url)
     try:
         committed = await harness.commit_times(listener)
-        await listener.execute("INSERT INTO rooms (name) SELECT unnest($1::text[])", names)
+        await harness.rooms_table(listener, served, tokens)
         async with simulator_events.RoomsSimulator(served, ssl_context=harness.server_tls()) as server:
-            env = harness.daemon_env(
+            env = harness.rooms_env(
                 database_url,
                 server.base_url,
                 work / "rooms-data",
-                MHC_TOKENS_DIR=str(tokens),
+                tokens,
                 MHC_CB_EVENTS_TIMEOUT=str(IDLE_TIMEOUT),
             )
-            del env["MHC_CB_USERNAME"], env["MHC_CB_EVENTS_TOKEN"]
             async with harness.daemon(env, work / "rooms.log") as child:
                 await _until_all_wait(served, child, within=120)
                 cpu_before = harness.cpu_seconds(child.process.pid)
