@@ -93,6 +93,7 @@ class Supervisor:
     _token_changed: dict[str, asyncio.Event] = field(init=False, default_factory=dict)
     keeper: leases.LeaseKeeper | None = field(init=False, default=None)  # made once the pool is open
     _saved_held: set[str] = field(init=False, default_factory=set)  # as last written for `rooms.load_known`
+    _lease_round_failing: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.credentials = credentials.Credentials(self.settings)
@@ -359,25 +360,33 @@ class Supervisor:
                 keeper.round(wanted, total, progressing, unleased), timeout=self.settings.lease_seconds / 2
             )
         except (errors.StorageError, TimeoutError) as error:
-            log.warning("lease_round_failed", error=logs.mask(str(error)) or "no answer in time")
+            # Once per outage at warning (the database checks say the rest), then at debug.
+            level = log.debug if self._lease_round_failing else log.warning
+            level("lease_round_failed", error=logs.mask(str(error)) or "no answer in time")
+            self._lease_round_failing = True
             return
+        self._lease_round_failing = False
         self.state.hosts, self.state.holder = keeper.live_hosts, keeper.holder
         self.state.rooms_share, self.state.share_held = keeper.share, keeper.satisfied
         if keeper.held.keys() != self._saved_held and self.token_files.directory is not None:
             self._saved_held = set(keeper.held)
             rooms.save_known(self.settings.data_dir, self._saved_held)
-        for name in turn.lost:
-            if name in self.units:
-                self.units[name].give_up("another host took the room")
         for name, epoch in turn.acquired.items():
             if name in self.units:
                 self.units[name].grant(epoch)
             else:
                 self._start_unit(group, shared, session, name, epoch=epoch)
-        for name in unleased - turn.acquired.keys():
-            self.units[name].give_up("another host holds the room")
+        # (A unit may have ended while the round ran.)
+        for reason, names in (
+            ("another host took the room", turn.lost),
+            ("another host holds the room", unleased - turn.acquired.keys()),
+        ):
+            for name in names:
+                if name in self.units:
+                    self.units[name].give_up(reason)
         for name in turn.extra:
-            self._stop_unit(name, "room_handed_over")
+            if name in self.units:
+                self._stop_unit(name, "room_handed_over")
 
     def _stop_unit(self, name: str, event: str) -> None:
         """Stop `name`'s unit after its in-flight write; its lease is released when it has ended."""

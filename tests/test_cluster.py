@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from daemon.simulator import events as simulator
-from daemon.simulator import traffic
+from daemon.simulator import stats, traffic
 from tests import chaos_support as chaos
 from tests import pgbouncer
 from tests.daemon_process import DaemonProcess, daemon_env, run_command, running_daemon
@@ -113,8 +113,12 @@ async def _cluster(
     tokens.mkdir(mode=0o700)
     for room in served:
         (tokens / f"{room.username}.events").write_text(room.token)
+    # One room has a Stats API token on every host: the lookups run on the cluster lease's holder alone.
+    stats_token = "room-00-stats-token-0123456789"
+    (tokens / "room_00.stats").write_text(stats_token)
     parts = urlsplit(daemons_url)
     async with (
+        stats.running(username="nobody_here", rooms={"room_00": stats_token}) as stats_api,
         simulator.RoomsSimulator(served) as server,
         TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy,
         contextlib.AsyncExitStack() as daemons,
@@ -131,6 +135,7 @@ async def _cluster(
                 MHC_CB_EVENTS_TIMEOUT="5",
                 MHC_LOG_LEVEL="info",
                 MHC_DATABASE_TRANSACTION_POOLER=str(daemons_url != database_url).lower(),
+                MHC_CB_STATS_URL=stats_api.base_url,
             )
             del values["MHC_CB_USERNAME"], values["MHC_CB_EVENTS_TOKEN"]
             return values
@@ -208,6 +213,11 @@ async def _cluster(
         await _until(complete, max(0.0, remaining) + 60, "every delivered event stored once, in every room")
     quarantined = await connection.fetchval("SELECT count(*) FROM quarantined_events")
     assert quarantined == 0
+    # Every host polled (and would have taken a Stats snapshot at start); one cluster lease, one snapshot.
+    snapshots = await connection.fetchval("SELECT count(*) FROM snapshots WHERE source = 'cb_stats'")
+    leader = await connection.fetchval("SELECT holder FROM cluster_leases WHERE name = 'snapshots'")
+    print(f"Stats API snapshots of room_00 over the run: {snapshots} (cluster lease now on {leader})")
+    assert snapshots == 1
 
 
 async def _cut_link_and_add_a_host(
