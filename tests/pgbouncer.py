@@ -58,6 +58,7 @@ def _configure(server_url: str, work: Path) -> tuple[Path, int, str]:
         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
         "auth_type = any\npool_mode = transaction\nmax_client_conn = 1000\ndefault_pool_size = 40\n"
         "ignore_startup_parameters = extra_float_digits\n"
+        "idle_transaction_timeout = 10\n"  # as deploy/README.md asks: no frozen client holds row locks
     )
     config.chmod(0o644)
     return config, port, urlunsplit((parts.scheme, f"{user}@127.0.0.1:{port}", parts.path, "", ""))

@@ -85,6 +85,7 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
 
 
 CONNECT_TIMEOUT_SECONDS = 10.0
+IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # half the default lease
 
 
 class _ProxiedConnection(asyncpg.Connection):
@@ -118,6 +119,11 @@ async def connect(
             server_settings={
                 "timezone": "UTC",
                 "application_name": application_name,  # pg_stat_activity tells the daemons apart
+                # A daemon frozen inside any transaction (SIGSTOP, a stalled VM) would hold its row locks
+                # (the rooms' cursor rows among them) for as long as it sleeps: the server ends it instead.
+                # A transaction-pooling proxy refuses this at connect: its own idle_transaction_timeout
+                # does the same there (deploy/README.md), and the fence sets it for the writer's transactions.
+                **({} if pooler else {"idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT}),
             },
             command_timeout=60,
             # Behind a transaction-pooling proxy (PgBouncer before 1.21) a named prepared statement does not

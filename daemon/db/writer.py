@@ -14,7 +14,14 @@ from typing import Any, cast
 import asyncpg
 
 from daemon import errors, ingest, logs, metrics, sessions, sql_files
-from daemon.db.core import PLATFORM, Connection, row_count, translate_errors, utc_now
+from daemon.db.core import (
+    IDLE_IN_TRANSACTION_TIMEOUT,
+    PLATFORM,
+    Connection,
+    row_count,
+    translate_errors,
+    utc_now,
+)
 from daemon.db.persons import Sighting, find_or_create_many, normalize_username, see
 
 log = logs.get_logger(__name__)
@@ -102,7 +109,6 @@ async def load_cursor(pool: asyncpg.Pool, broadcaster: str) -> Cursor | None:
     return Cursor(row["broadcaster"], row["last_event_id"], row["timeout_seconds"])
 
 
-IDLE_IN_TRANSACTION_TIMEOUT = "10s"  # half the default lease (see the `fence` query)
 # The unique indexes a repeated event violates on the writer's fast path (see write_batch).
 _REPEAT_GUARDS = frozenset({"events_pkey", "uq_interactions_cb_event"})
 
