@@ -494,10 +494,18 @@ FROM free WHERE c.broadcaster = free.broadcaster
 RETURNING c.broadcaster, c.epoch;
 
 -- name: renew_leases
--- Holder $1 keeps the rooms $2 at epochs $3 for $4 more seconds; returns those still its own.
+-- Holder $1 keeps the rooms $2 at epochs $3 for $4 more seconds; returns those still its own. Locks in name
+-- order, as a fenced write does.
+WITH held AS (
+  SELECT c.broadcaster
+  FROM ingest_cursor c
+  JOIN unnest($2::text[], $3::bigint[]) AS h(room, epoch) ON c.broadcaster = h.room AND c.epoch = h.epoch
+  WHERE c.holder = $1
+  ORDER BY c.broadcaster
+  FOR UPDATE OF c
+)
 UPDATE ingest_cursor c SET lease_expires_at = now() + make_interval(secs => $4)
-FROM unnest($2::text[], $3::bigint[]) AS h(room, epoch)
-WHERE c.broadcaster = h.room AND c.epoch = h.epoch AND c.holder = $1
+FROM held WHERE c.broadcaster = held.broadcaster
 RETURNING c.broadcaster;
 
 -- name: release_leases
@@ -506,19 +514,27 @@ UPDATE ingest_cursor c SET holder = NULL, lease_expires_at = now()
 FROM unnest($2::text[], $3::bigint[]) AS h(room, epoch)
 WHERE c.broadcaster = h.room AND c.epoch = h.epoch AND c.holder = $1;
 
--- name: fence
--- The first statement of a write: lock the cursor rows of the rooms $1 whose lease is still holder $3's at
--- the epochs $2. A room not returned moved to another holder: the write must not touch it. The rows stay
--- locked until the commit, so the transaction may not sit idle longer than $4 (set here, for this
--- transaction only, which also works behind a transaction-pooling proxy): a writer frozen inside it (SIGSTOP,
--- a stalled VM) is ended by the server, and the rooms can move.
-SELECT c.broadcaster
-FROM ingest_cursor c
-JOIN unnest($1::text[], $2::bigint[]) AS f(room, epoch) ON c.broadcaster = f.room AND c.epoch = f.epoch
-CROSS JOIN (SELECT set_config('idle_in_transaction_session_timeout', $4, true)) AS bounded
-WHERE c.holder = $3
-ORDER BY c.broadcaster
-FOR UPDATE OF c;
+-- name: move_fenced_cursors
+-- The first statement of a fenced write: move the read position of each room $1 to $3 (NULL keeps it), but
+-- only where the lease is still holder $4's at the epochs $2; the rooms returned are those moved. A room not
+-- returned moved to another holder: the write must not touch it (the transaction rolls back). The rows are
+-- locked in name order (as renew_leases locks them, so the two never deadlock) until the commit, so the
+-- transaction may not sit idle longer than $6 (set here for this transaction only, which also works behind a
+-- transaction-pooling proxy): a writer frozen inside it is ended by the server, and the rooms can move.
+WITH fenced AS (
+  SELECT c.broadcaster, f.position
+  FROM ingest_cursor c
+  JOIN unnest($1::text[], $2::bigint[], $3::text[]) AS f(room, epoch, position)
+    ON c.broadcaster = f.room AND c.epoch = f.epoch
+  CROSS JOIN (SELECT set_config('idle_in_transaction_session_timeout', $6, true)) AS bounded
+  WHERE c.holder = $4
+  ORDER BY c.broadcaster
+  FOR UPDATE OF c
+)
+UPDATE ingest_cursor c
+SET last_event_id = COALESCE(fenced.position, c.last_event_id), timeout_seconds = $5, updated_at = NOW()
+FROM fenced WHERE c.broadcaster = fenced.broadcaster
+RETURNING c.broadcaster;
 
 -- name: room_leases
 -- Every leased room: holder, epoch, seconds left (negative: ran out), and the position.

@@ -258,15 +258,22 @@ class Fence:
     epochs: Mapping[str, int]
 
 
-async def _check_fence(connection: Connection, fence: Fence, rooms: Mapping[str, ingest.Batch]) -> None:
-    """Lock the cursor rows of `rooms` still leased to the fence's holder at its epochs; `LeaseLost` (the
-    transaction rolls back) when any room moved on. Held until the commit, so no takeover lands in between."""
+async def _move_fenced_cursors(
+    connection: Connection, fence: Fence, rooms: Mapping[str, ingest.Batch], timeout_seconds: int
+) -> None:
+    """Move each room's cursor where its lease is still the fence's holder's at its epoch, locking those rows
+    until the commit; `LeaseLost` (the transaction rolls back) when any room moved on."""
     names = [normalize_username(room) for room in rooms]
-    epochs = [fence.epochs.get(room, -1) for room in rooms]
-    held = await connection.fetch(
-        sql_files.query("fence"), names, epochs, fence.holder, IDLE_IN_TRANSACTION_TIMEOUT
+    moved = await connection.fetch(
+        sql_files.query("move_fenced_cursors"),
+        names,
+        [fence.epochs.get(room, -1) for room in rooms],
+        [batch.next_event_id for batch in rooms.values()],
+        fence.holder,
+        timeout_seconds,
+        IDLE_IN_TRANSACTION_TIMEOUT,
     )
-    lost = set(names) - {row["broadcaster"] for row in held}
+    lost = set(names) - {row["broadcaster"] for row in moved}
     if lost:
         metrics.FENCED_WRITES.inc()
         raise errors.LeaseLost(lost)
@@ -280,12 +287,12 @@ async def _write(
     guarded: bool,
     fence: Fence | None,
 ) -> WriteResult:
-    """Store `batch`, the pages of `rooms` merged (none: a replay, which moves no cursor), fenced by `fence`
-    (first statement) when given."""
+    """Store `batch`, the pages of `rooms` merged (none: a replay, which moves no cursor); with `fence`, its
+    first statement moves the cursors only where the leases are still the fence's."""
     if fence is not None:
-        await _check_fence(connection, fence, rooms)
+        await _move_fenced_cursors(connection, fence, rooms, timeout_seconds)
     fresh = await _insert_events(connection, batch, guarded)
-    if rooms:
+    if rooms and fence is None:
         cursors = sorted((normalize_username(room), part.next_event_id) for room, part in rooms.items())
         await connection.execute(
             sql_files.query("move_cursors"),
