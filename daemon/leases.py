@@ -76,7 +76,10 @@ class LeaseKeeper:
         rooms this daemon already polls without a lease (started while the database was away), taken first
         and beyond the share so their spools are not thrown away when they are free."""
         lease = self.settings.lease_seconds
-        self.live_hosts = await db.leases.heartbeat(self.pool, self.holder, lease)
+        dead = await self._dead_holders()
+        # An earlier process of this host that died moments ago still looks live by its heartbeat: it is not.
+        live = await db.leases.heartbeat(self.pool, self.holder, lease)
+        self.live_hosts = [host for host in live if host == self.holder or host not in dead]
         sent = time.monotonic()
         renewing = {room: held.epoch for room, held in self.held.items() if room in progressing}
         kept = await db.leases.renew(self.pool, self.holder, renewing, lease)
@@ -89,7 +92,6 @@ class LeaseKeeper:
         acquired: dict[str, int] = {}
         candidates = sorted(wanted - self.held.keys())
         if candidates:
-            dead = await self._dead_holders()
             first = sorted(unleased & set(candidates))
             acquired = await self._acquire(first, dead, len(first), orphans_only=False, sent=sent)
             rest = [room for room in candidates if room not in acquired]

@@ -232,17 +232,22 @@ class RoomUnit:
 
     async def _database_ready_within(self, seconds: float | None) -> bool:
         """Wait up to `seconds` (None: as long as it takes) for the database to be ready; `Stopping` when
-        the unit stops meanwhile. Waiting counts as progress for the watchdog."""
+        the unit stops meanwhile."""
+        return await self._set_within(self.shared.database_ready, seconds)
+
+    async def _set_within(self, event: asyncio.Event, seconds: float | None) -> bool:
+        """Wait up to `seconds` (None: as long as it takes) for `event`; `Stopping` when the unit stops
+        meanwhile. Waiting counts as progress for the watchdog."""
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
-        ready, state = self.shared.database_ready, self.shared.state
-        while not ready.is_set():
+        state = self.shared.state
+        while not event.is_set():
             if self.stop.is_set():
                 raise Stopping
             if deadline is not None and loop.time() >= deadline:
                 return False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ready.wait(), timeout=0.5)
+                await asyncio.wait_for(event.wait(), timeout=0.5)
             state.write_progress += 1
             state.poll_progress += 1
         return True
@@ -321,7 +326,7 @@ class RoomUnit:
         with the pages uncommitted (spooled, or read again from the committed position at the next start)."""
         try:
             await self._database_ready_within(None)
-            await self._until_leased()
+            await self._set_within(self.leased, None)  # (a start without the database polls unleased)
             await self._write_pages(poller)
         except Stopping:
             if not self.lost:
@@ -329,16 +334,6 @@ class RoomUnit:
                 log.warning("writer_stopped_database_unavailable", room=self.name, pages_not_written=waiting)
         except errors.LeaseLost:
             self.give_up("a write was fenced: another host took the room")
-
-    async def _until_leased(self) -> None:
-        """Wait for the room's lease (the database came back after a start without it); `Stopping` when the
-        unit stops first. Waiting counts as progress for the watchdog."""
-        while not self.leased.is_set():
-            if self.stop.is_set():
-                raise Stopping
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.leased.wait(), timeout=0.5)
-            self.shared.state.write_progress += 1
 
     async def _write_pages(self, poller: asyncio.Task[None]) -> None:
         handoff = self._handoff

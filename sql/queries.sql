@@ -558,5 +558,7 @@ RETURNING epoch;
 UPDATE cluster_leases SET holder = NULL, lease_expires_at = now() WHERE name = $1 AND holder = $2;
 
 -- name: local_holders
--- Holders named after host $1 (`host:pid`) that hold rooms: this host's earlier processes among them.
-SELECT DISTINCT holder FROM ingest_cursor WHERE holder LIKE $1 || ':%';
+-- Holders named after host $1 (`host:pid`) that hold rooms or have a heartbeat row: this host's earlier
+-- processes among them.
+SELECT holder FROM ingest_cursor WHERE starts_with(holder, $1 || ':')
+UNION SELECT holder FROM hosts WHERE starts_with(holder, $1 || ':');
