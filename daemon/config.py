@@ -79,9 +79,7 @@ class Settings(BaseSettings):
 
     # Many hosts: rooms are leased in PostgreSQL. This daemon's name among them (default: the host name),
     # how long a lease lasts on the database's clock, and how often it is renewed
-    host_id: str = Field(
-        default_factory=socket.gethostname, min_length=1, max_length=200, pattern=r"^[^:\s]+$"
-    )
+    host_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     lease_seconds: float = Field(default=20.0, ge=2, le=600)
     lease_renew_seconds: float = Field(default=5.0, ge=0.5, le=120)
 
@@ -96,8 +94,16 @@ class Settings(BaseSettings):
     @pydantic.model_validator(mode="after")
     def _renewed_within_the_lease(self) -> Settings:
         if self.lease_renew_seconds * 2 > self.lease_seconds:
-            raise ValueError("lease_renew_seconds must be at most half of lease_seconds")
+            renew, lease = f"{ENV_PREFIX}LEASE_RENEW_SECONDS", f"{ENV_PREFIX}LEASE_SECONDS"
+            raise ValueError(f"{renew} must be at most half of {lease}")
         return self
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, value: str) -> str:
+        if ":" in value or any(character.isspace() for character in value):
+            raise ValueError("must not contain ':' or spaces (it is the first part of a lease holder's name)")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -168,8 +174,9 @@ def load(**overrides: object) -> Settings:
     except pydantic.ValidationError as error:
         problems = []
         for item in error.errors():
-            field = str(item["loc"][0]) if item["loc"] else "?"
             message = str(item["msg"]).removeprefix("Value error, ")
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+            # A rule across settings (no field of its own) names its variables itself.
+            field = f"{ENV_PREFIX}{str(item['loc'][0]).upper()}: " if item["loc"] else ""
+            problems.append(field + message)
         raise errors.ConfigError("invalid configuration: " + "; ".join(problems)) from None
     return _with_token_files(settings)

@@ -20,6 +20,8 @@ BAD_VALUES = [
     ("MHC_CB_EVENTS_BASE_URL", "ftp://example", "http:// or https://"),
     ("MHC_LOG_FORMAT", "xml", "'auto', 'json' or 'console'"),
     ("MHC_MIGRATE_ON_START", "perhaps", "valid boolean"),
+    ("MHC_HOST_ID", "studio:a", "must not contain ':' or spaces"),
+    ("MHC_LEASE_RENEW_SECONDS", "15", "MHC_LEASE_RENEW_SECONDS must be at most half of MHC_LEASE_SECONDS"),
 ]
 
 
