@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
+    """Forwards 127.0.0.1:`port` to a PostgreSQL server's address: TCP, or the Unix socket a `?host=/dir`
+    URL names (the embedded server listens on nothing else)."""
+
+    def __init__(self, server_url: str) -> None:
+        parts = urlsplit(server_url)
+        socket_dir = parse_qs(parts.query).get("host", [None])[0]
+        server_port = parts.port or 5432
+        self._socket = f"{socket_dir}/.s.PGSQL.{server_port}" if socket_dir else None
+        self._target = (parts.hostname or "127.0.0.1", server_port)
+        self._user = parts.username or "postgres"
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -31,6 +40,11 @@ class TcpProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def url(self, server_url: str) -> str:
+        """`server_url` (same user and database) through this proxy."""
+        path = urlsplit(server_url).path
+        return urlunsplit(("postgresql", f"{self._user}@127.0.0.1:{self.port}", path, "", ""))
+
     def cut(self) -> None:
         self._flowing.clear()
 
@@ -40,7 +54,10 @@ class TcpProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._flowing.wait()
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+            if self._socket:
+                upstream_reader, upstream_writer = await asyncio.open_unix_connection(self._socket)
+            else:
+                upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.close()
             return

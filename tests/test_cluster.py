@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -46,13 +45,6 @@ def _rooms(seconds: int) -> list[simulator.EventsSimulator]:
         )
         for index in range(ROOMS)
     ]
-
-
-def _through(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit((parts.scheme, f"{netloc[0]}@{host}" if len(netloc) == 2 else host, *parts[2:]))
 
 
 async def _held(connection: asyncpg.Connection) -> dict[str, str]:
@@ -116,11 +108,10 @@ async def _cluster(
     # One room has a Stats API token on every host: the lookups run on the cluster lease's holder alone.
     stats_token = "room-00-stats-token-0123456789"
     (tokens / "room_00.stats").write_text(stats_token)
-    parts = urlsplit(daemons_url)
     async with (
         stats.running(username="nobody_here", rooms={"room_00": stats_token}) as stats_api,
         simulator.RoomsSimulator(served) as server,
-        TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy,
+        TcpProxy(daemons_url) as proxy,
         contextlib.AsyncExitStack() as daemons,
     ):
         traffic_started = time.monotonic()
@@ -147,7 +138,7 @@ async def _cluster(
             return await daemons.enter_async_context(running_daemon(env(host, url), tmp_path / f"{host}.log"))
 
         a, b = await start("host-a"), await start("host-b")
-        await start("host-c", _through(daemons_url, proxy.port))
+        await start("host-c", proxy.url(daemons_url))
         took = await _until(
             balanced_between(connection, {"host-a", "host-b", "host-c"}), 90, "30 rooms, 10 on each host"
         )
