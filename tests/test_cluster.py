@@ -131,8 +131,9 @@ async def _cluster(
             del values["MHC_CB_USERNAME"], values["MHC_CB_EVENTS_TOKEN"]
             return values
 
+        setup = env("setup", database_url)  # direct: a blocking command would stall the proxies of this loop
         for room in served:
-            assert run_command(["rooms", "add", room.username], env("setup"), tmp_path).returncode == 0
+            assert run_command(["rooms", "add", room.username], setup, tmp_path).returncode == 0
 
         async def start(host: str, url: str = daemons_url) -> DaemonProcess:
             return await daemons.enter_async_context(running_daemon(env(host, url), tmp_path / f"{host}.log"))
