@@ -37,6 +37,7 @@ SNAPSHOTS = "snapshots"  # the cluster lease of the lookups
 class _Held:
     epoch: int
     renewed: float  # monotonic: when the last renewal the database confirmed was sent
+    taken: float  # monotonic: when this daemon took the room
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,6 @@ class LeaseKeeper:
     def __post_init__(self) -> None:
         self.holder = self.holder or holder_name(self.settings.host_id)
         self.live_hosts = [self.holder]
-
-    def epoch(self, room: str) -> int | None:
-        held = self.held.get(room)
-        return held.epoch if held else None
 
     async def round(self, wanted: set[str], total: int, progressing: set[str], unleased: set[str]) -> Round:
         """One round: heartbeat, renew, take, hand over (see the module's description). `wanted`: the rooms
@@ -107,7 +104,7 @@ class LeaseKeeper:
         extra: list[str] = []
         if self.share and len(self.held) > self.share:
             # The rooms held longest stay (sticky); the newest go first.
-            newest_first = sorted(self.held, key=lambda room: -self.held[room].epoch)
+            newest_first = sorted(self.held, key=lambda room: -self.held[room].taken)
             extra = [room for room in newest_first if room not in acquired][: len(self.held) - self.share]
             extra = extra[:HANDOVER_STEP]
         await self._lead(sent)
@@ -138,7 +135,7 @@ class LeaseKeeper:
             orphans_only=orphans_only,
         )
         for room, epoch in taken.items():
-            self.held[room] = _Held(epoch, sent)
+            self.held[room] = _Held(epoch, sent, sent)
         metrics.LEASES_ACQUIRED.inc(len(taken))
         return taken
 
