@@ -7,9 +7,10 @@ holds one of `WRITERS` writer slots takes everything waiting (up to `GROUP_EVENT
 request per room) into one `db.write_rooms`. No task of its own and no timer: a room's request is written by
 the first slot that frees up, which may be its own.
 
-A group that PostgreSQL refuses for what it holds is written again one room at a time, so a bad event costs
-only its own room a split (`RoomUnit._store`); a group that fails because the database is away fails every
-request in it, and each room retries on its own schedule.
+Every group is fenced by its rooms' lease epochs (`db.Fence`): a room whose lease moved on fails alone with
+`errors.LeaseLost` and the others are written without it. A group that PostgreSQL refuses for what it holds is
+written again one room at a time, so a bad event costs only its own room a split (`RoomUnit._store`); a group
+that fails because the database is away fails every request in it, and each room retries on its own schedule.
 """
 
 from __future__ import annotations
