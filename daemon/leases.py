@@ -80,8 +80,9 @@ class LeaseKeeper:
         sent = time.monotonic()
         renewing = {room: held.epoch for room, held in self.held.items() if room in progressing}
         kept = await db.leases.renew(self.pool, self.holder, renewing, lease)
-        lost = sorted(renewing.keys() - kept)
-        for room in kept:
+        # A unit may have ended (releasing its room) while the renewal ran: `held` is current, `renewing` not.
+        lost = sorted(room for room in renewing.keys() - kept if room in self.held)
+        for room in kept & self.held.keys():
             self.held[room].renewed = sent
         for room in lost:
             del self.held[room]
